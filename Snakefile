@@ -1,0 +1,30 @@
+# evoformer-workflow: preprocessing (HVG selection, binning, splitting), then
+# training, evaluation and reports (added by later stages).
+#
+#   snakemake --cores all                      # the base experiment of config.yaml
+#   snakemake --cores all --configfile my.yaml # another configuration
+from snakemake.utils import validate
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+
+
+# Validate against the schema, filling in its defaults; an error names the key.
+with one_line_config_errors():
+    validate(config, "schemas/config.schema.yaml")
+check_config()
+
+
+include: "rules/preprocess.smk"
+
+
+# Later stages: include: "rules/train.smk", include: "rules/evaluate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        preprocess_targets(),

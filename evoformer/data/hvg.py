@@ -1,0 +1,218 @@
+"""Stage 1: highly variable gene (HVG) selection with scanpy.
+
+Counts are library-size normalised (``normalize_total``, 1e4) and ``log1p``-transformed;
+log1p-normalised input is used as is. ``seurat_v3`` ranks genes on the counts,
+``seurat`` / ``cell_ranger`` on the log data. The output keeps the log1p-normalised
+values of the selected genes (the values that binning turns into tokens).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from evoformer.data.datasets import DatasetSpec, load_expression
+from evoformer.errors import InputError
+from evoformer.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+FLAVORS = ("seurat", "cell_ranger", "seurat_v3")
+TARGET_SUM = 1e4
+
+
+def _score_column(flavor: str) -> str:
+    return "variances_norm" if flavor == "seurat_v3" else "dispersions_norm"
+
+
+def select_hvg(
+    adata: ad.AnnData,
+    spec: DatasetSpec,
+    n_top_genes: int,
+    flavor: str = "seurat",
+    min_cells_per_gene: int = 0,
+    min_genes_per_cell: int = 0,
+) -> tuple[ad.AnnData, pd.DataFrame]:
+    """Select the ``n_top_genes`` most variable genes.
+
+    adata: [cells, genes] from :func:`load_expression` (X float32 CSR, ``spec.value_type``);
+    it is filtered and normalised in place (no copy of an atlas-sized matrix).
+    Returns (hvg, genes): hvg [cells', n_top_genes] with X the log1p-normalised float32
+    CSR values of the selected genes in their original order, cells with no expression
+    in them dropped (logged); genes: one row per gene that passed the filters, with
+    scanpy's statistics, ``highly_variable`` and ``hvg_rank`` (1 = most variable).
+    """
+    import scanpy as sc
+
+    where = f"dataset '{spec.name}'"
+    if flavor not in FLAVORS:
+        raise InputError(f"hvg.flavor={flavor!r}: expected one of {', '.join(FLAVORS)}")
+    if flavor == "seurat_v3" and spec.value_type != "counts":
+        raise InputError(
+            f"hvg.flavor=seurat_v3 ranks raw counts, but {where} has value_type {spec.value_type}; "
+            "use flavor seurat or cell_ranger"
+        )
+    if (
+        isinstance(n_top_genes, bool)
+        or not isinstance(n_top_genes, int | np.integer)
+        or n_top_genes < 1
+    ):
+        raise InputError(f"n_hvg={n_top_genes!r}: expected a positive integer")
+    n_input_cells = adata.n_obs
+    if min_cells_per_gene > 0:
+        sc.pp.filter_genes(adata, min_cells=min_cells_per_gene)
+    if min_genes_per_cell > 0:
+        sc.pp.filter_cells(adata, min_genes=min_genes_per_cell)
+    if adata.n_obs == 0:
+        raise InputError(
+            f"{where}: no cells left after hvg.min_genes_per_cell={min_genes_per_cell}"
+        )
+    empty = np.diff(adata.X.indptr) == 0
+    if empty.any():
+        raise InputError(
+            f"{where}: {int(empty.sum())} cells have no expression (e.g. {adata.obs_names[empty][0]!r}); "
+            "drop them or set hvg.min_genes_per_cell: 1"
+        )
+    if n_top_genes > adata.n_vars:
+        raise InputError(
+            f"n_hvg={n_top_genes} is larger than the {adata.n_vars} genes of {where}"
+            + (
+                f" left after hvg.min_cells_per_gene={min_cells_per_gene}"
+                if min_cells_per_gene
+                else ""
+            )
+        )
+    if spec.value_type == "counts":
+        if flavor == "seurat_v3":
+            adata.layers["counts"] = adata.X.copy()
+        sc.pp.normalize_total(adata, target_sum=TARGET_SUM)
+        sc.pp.log1p(adata)
+    sc.pp.highly_variable_genes(
+        adata,
+        n_top_genes=int(n_top_genes),
+        flavor=flavor,
+        layer="counts" if flavor == "seurat_v3" else None,
+    )
+    var = adata.var
+    selected = var["highly_variable"].to_numpy(dtype=bool)
+    if selected.sum() != n_top_genes:
+        raise InputError(
+            f"{where}: only {int(selected.sum())} genes could be ranked by hvg.flavor={flavor}, "
+            f"n_hvg={n_top_genes} asked for"
+        )
+    score = var[_score_column(flavor)].to_numpy(dtype=float)
+    rank = pd.Series(np.where(selected, score, -np.inf), index=var.index).rank(
+        ascending=False, method="first"
+    )
+    genes = var.drop(columns=[c for c in ("highly_variable_nbatches",) if c in var]).copy()
+    genes["hvg_rank"] = np.where(selected, rank.to_numpy(), 0).astype(int)
+    genes.index.name = "gene_id"
+
+    adata.layers.clear()
+    hvg = adata[:, selected].copy()
+    hvg.X = hvg.X.astype(np.float32).tocsr()
+    hvg.X.sort_indices()
+    has_expr = np.diff(hvg.X.indptr) > 0
+    n_empty = int((~has_expr).sum())
+    if n_empty:
+        log.warning(
+            "%s: dropping %d cells with no expression in the %d HVGs", where, n_empty, n_top_genes
+        )
+        hvg = hvg[has_expr].copy()
+    hvg.var = hvg.var[[c for c in hvg.var.columns if c in genes.columns]]
+    hvg.uns["hvg"] = {
+        "dataset": spec.name,
+        "value_type": spec.value_type,
+        "flavor": flavor,
+        "n_top_genes": int(n_top_genes),
+        "min_cells_per_gene": int(min_cells_per_gene),
+        "min_genes_per_cell": int(min_genes_per_cell),
+        "n_cells_input": int(n_input_cells),
+        "n_cells_filtered": int(n_input_cells - adata.n_obs),
+        "n_cells_empty_in_hvgs": n_empty,
+    }
+    log.info(
+        "%s: %d of %d genes selected (%s); %d cells kept of %d",
+        where,
+        n_top_genes,
+        adata.n_vars,
+        flavor,
+        hvg.n_obs,
+        n_input_cells,
+    )
+    return hvg, genes
+
+
+def plot_hvg(genes: pd.DataFrame, flavor: str, title: str, out: str | os.PathLike) -> None:
+    """Mean expression vs normalised dispersion (or variance) per gene, HVGs highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    score_col = _score_column(flavor)
+    selected = genes["highly_variable"].to_numpy(dtype=bool)
+    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=120)
+    ax.scatter(
+        genes["means"][~selected],
+        genes[score_col][~selected],
+        s=4,
+        c="#b0b0b0",
+        label="other genes",
+    )
+    ax.scatter(
+        genes["means"][selected],
+        genes[score_col][selected],
+        s=6,
+        c="#d62728",
+        label=f"HVG ({selected.sum()})",
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("mean expression" + (" (counts)" if flavor == "seurat_v3" else " (normalised)"))
+    ax.set_ylabel("normalised variance" if flavor == "seurat_v3" else "normalised dispersion")
+    ax.set_title(title, fontsize=9)
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
+def run_hvg(
+    dataset_path: str | os.PathLike,
+    dataset_name: str,
+    dataset: Mapping[str, Any],
+    n_hvg: int,
+    hvg: Mapping[str, Any],
+    out_h5ad: str | os.PathLike,
+    out_genes: str | os.PathLike,
+    out_plot: str | os.PathLike,
+) -> None:
+    """The ``hvg`` rule: load, select, write the HVG h5ad, the genes table and the plot.
+
+    dataset: ``expression``, ``value_type``, ``label_key`` of the dataset's config entry.
+    hvg: the config's ``hvg`` section (flavor, min_cells_per_gene, min_genes_per_cell).
+    """
+    spec = DatasetSpec.expression_only(dataset_name, dataset)
+    flavor = hvg.get("flavor", "seurat")
+    adata = load_expression(dataset_path, spec)
+    selected, genes = select_hvg(
+        adata,
+        spec,
+        n_hvg,
+        flavor=flavor,
+        min_cells_per_gene=int(hvg.get("min_cells_per_gene", 0)),
+        min_genes_per_cell=int(hvg.get("min_genes_per_cell", 0)),
+    )
+    selected.uns["hvg"]["source"] = str(dataset_path)
+    with atomic_path(out_h5ad) as tmp:
+        selected.write_h5ad(tmp)
+    with atomic_path(out_genes) as tmp:
+        genes.to_csv(tmp, sep="\t")
+    plot_hvg(genes, flavor, f"{spec.name}: {n_hvg} HVGs ({flavor}) of {len(genes)} genes", out_plot)

@@ -1,0 +1,84 @@
+"""Start ``evoformer.train`` under torchrun with the right number of processes.
+
+    python -m evoformer.launch [--cpu-processes N] -- <evoformer.train arguments>
+
+- CUDA visible: one process per visible GPU (``CUDA_VISIBLE_DEVICES``, which Slurm sets to the
+  job's allocation), NCCL.
+- No CUDA (a laptop, CI, or a Slurm node with fake GPUs): ``--cpu-processes`` processes with gloo;
+  the log says so.
+- Multi-node Slurm jobs (``SLURM_NNODES`` > 1, one task per node started by ``srun``): c10d
+  rendezvous on the first node of the allocation, keyed on ``SLURM_JOB_ID``.
+
+The launcher ignores SIGUSR1 (Slurm's warning before the time limit, sent to every process of
+the job step) so that only the training processes react to it by checkpointing; SIGTERM is
+forwarded to the workers by torchrun itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+
+log = logging.getLogger("evoformer.launch")
+
+
+def first_node(nodelist: str) -> str:
+    """First host of a Slurm nodelist (``scontrol show hostnames``)."""
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+    )
+    return out.stdout.split()[0]
+
+
+def torchrun_args(cpu_processes: int, env: dict[str, str]) -> list[str]:
+    """torchrun's arguments (before the module) for this machine / Slurm allocation."""
+    if torch.cuda.is_available():
+        nproc = torch.cuda.device_count()
+        how = f"{nproc} CUDA device(s) visible (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')})"
+    else:
+        nproc = cpu_processes
+        how = (
+            f"no CUDA device visible (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')}): "
+            f"CPU fallback with gloo, {nproc} processes"
+        )
+    nnodes = int(env.get("SLURM_NNODES", "1"))
+    if nnodes > 1:
+        host = first_node(env["SLURM_JOB_NODELIST"])
+        args = [
+            f"--nnodes={nnodes}",
+            f"--nproc-per-node={nproc}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={host}:29500",
+            f"--rdzv-id={env.get('SLURM_JOB_ID', 'evoformer')}",
+        ]
+        how += f", {nnodes} nodes, rendezvous at {host}:29500"
+    else:
+        args = ["--standalone", f"--nproc-per-node={nproc}"]
+    log.info("launching torchrun: %s", how)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv:
+        raise SystemExit("usage: python -m evoformer.launch [--cpu-processes N] -- <train args>")
+    split = argv.index("--")
+    p = argparse.ArgumentParser(description="start evoformer.train under torchrun")
+    p.add_argument("--cpu-processes", type=int, default=2)
+    a = p.parse_args(argv[:split])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s launch %(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    cmd = torchrun_args(a.cpu_processes, dict(os.environ))
+    from torch.distributed.run import main as torchrun_main
+
+    torchrun_main([*cmd, "--module", "evoformer.train", *argv[split + 1 :]])
+
+
+if __name__ == "__main__":
+    main()

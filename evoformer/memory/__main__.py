@@ -1,0 +1,298 @@
+"""``python -m evoformer.memory``: does a configuration fit on N x GPU of M GiB? No GPU needed.
+
+Examples::
+
+    python -m evoformer.memory --journal --gpus 2 --gpu-mem-gib 80            # our OPM: fits
+    python -m evoformer.memory --journal --opm naive --gpu-mem-gib 80 --json  # the journal's OOM
+    python -m evoformer.memory --af2 --precision bf16 --ckpt 1 --gpu-mem-gib 80
+    python -m evoformer.memory --config config.yaml --gpus 4 --gpu-mem-gib 80  # every grid point
+    python -m evoformer.memory --journal-table                                # the journal's table
+
+Exit status: 0 every configuration fits, 1 one does not, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evoformer.errors import InputError
+from evoformer.memory.analytical import GIB, estimate, journal_table_markdown
+from evoformer.memory.preflight import PreflightResult, preflight
+from evoformer.memory.report import CATEGORIES
+from evoformer.memory.spec import data_shape, spec_from_config
+
+#: The journal's run (B=32 per GPU, n_hvg=500, d_model=128, 4 heads, d_z=128, c_opm=32, 8 blocks).
+JOURNAL = {
+    "model": {
+        "preset": "bioformer",
+        "c_m": 128,
+        "n_heads_msa": 4,
+        "c_hidden_msa": 32,
+        "c_z": 128,
+        "c_opm": 32,
+        "n_blocks": 8,
+    },
+    "train": {"micro_batch_size": 32, "precision": "fp32"},
+    "data": {"seq_len": 500, "n_genes": 500, "n_bins": 51},
+}
+#: AlphaFold 2's Evoformer (48 blocks, r=256, c_m=256, c_z=128, c_opm=32, 8 MSA heads of 32,
+#: triangle attention 4 heads of 32, triangle multiplication 128), batch 1 per device, S=1.
+AF2 = {
+    "model": {
+        "preset": "evoformer",
+        "c_m": 256,
+        "c_z": 128,
+        "c_opm": 32,
+        "n_heads_msa": 8,
+        "c_hidden_msa": 32,
+        "n_heads_pair": 4,
+        "c_hidden_pair": 32,
+        "c_hidden_tri_mul": 128,
+        "n_blocks": 48,
+    },
+    "train": {"micro_batch_size": 1, "precision": "fp32"},
+    "data": {"seq_len": 255, "n_genes": 1000, "n_bins": 51},
+}
+
+_MODEL_FLAGS = {
+    "preset": "preset",
+    "c_m": "c_m",
+    "c_z": "c_z",
+    "c_opm": "c_opm",
+    "heads": "n_heads_msa",
+    "c_hidden": "c_hidden_msa",
+    "heads_pair": "n_heads_pair",
+    "c_hidden_pair": "c_hidden_pair",
+    "c_hidden_tri_mul": "c_hidden_tri_mul",
+    "blocks": "n_blocks",
+    "S": "n_cells_per_msa",
+    "ckpt": "blocks_per_ckpt",
+    "chunk": "chunk_size",
+    "ln_order": "ln_order",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m evoformer.memory",
+        description="Predict the peak GPU memory of a training step (analytical and traced under "
+        "FakeTensorMode) and say whether it fits.",
+    )
+    src = p.add_argument_group("what to estimate")
+    src.add_argument(
+        "--config", type=Path, help="config.yaml: estimate its experiments (grid points)"
+    )
+    src.add_argument(
+        "--experiment", default="all", help="grid point index (0-based) or 'all' (with --config)"
+    )
+    src.add_argument(
+        "--binned-meta", type=Path, help="binned meta.json (max_len when zero genes are dropped)"
+    )
+    src.add_argument("--journal", action="store_true", help="the journal's configuration")
+    src.add_argument("--af2", action="store_true", help="AlphaFold 2's Evoformer configuration")
+    src.add_argument(
+        "--journal-table", action="store_true", help="print the journal's table, recomputed"
+    )
+    sz = p.add_argument_group("explicit sizes (override a preset)")
+    sz.add_argument("--preset", choices=("bioformer", "evoformer"))
+    sz.add_argument("--B", type=int, help="micro-batch per GPU")
+    sz.add_argument("--L", type=int, help="genes per cell (r = L + 1)")
+    sz.add_argument("--S", type=int, help="cells per MSA")
+    for flag in (
+        "c_m",
+        "c_z",
+        "c_opm",
+        "heads",
+        "c_hidden",
+        "heads_pair",
+        "c_hidden_pair",
+        "c_hidden_tri_mul",
+        "blocks",
+    ):
+        sz.add_argument("--" + flag.replace("_", "-"), dest=flag, type=int)
+    sz.add_argument("--ckpt", type=int, help="blocks per activation checkpoint (0 = off)")
+    sz.add_argument("--chunk", type=int, help="chunk size (0 = off)")
+    sz.add_argument("--ln-order", dest="ln_order", choices=("pre", "post"))
+    sz.add_argument("--n-genes", type=int)
+    sz.add_argument("--n-bins", type=int)
+    sz.add_argument("--precision", choices=("auto", "bf16", "fp32"))
+    sz.add_argument("--opm", choices=("ours", "naive"), default="ours")
+    tgt = p.add_argument_group("target")
+    tgt.add_argument("--gpus", type=int, default=None, help="GPUs (DDP processes); default 1")
+    tgt.add_argument(
+        "--gpu-mem-gib",
+        type=float,
+        default=None,
+        help="memory per GPU (default: config memory.gpu_mem_gib or 80)",
+    )
+    tgt.add_argument(
+        "--safety-margin", type=float, default=None, help="fraction kept free (default 0.1)"
+    )
+    tgt.add_argument(
+        "--auto-micro-batch", action="store_true", help="pick the largest micro-batch that fits"
+    )
+    tgt.add_argument(
+        "--method",
+        choices=("traced", "analytical"),
+        default="traced",
+        help="traced (default; also prints analytical) or analytical only (instant)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _explicit(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    base = (
+        JOURNAL
+        if args.journal
+        else AF2
+        if args.af2
+        else {"model": {}, "train": {"micro_batch_size": 1, "precision": "auto"}, "data": {}}
+    )
+    model, train, data = dict(base["model"]), dict(base["train"]), dict(base["data"])
+    for flag, key in _MODEL_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            model[key] = None if key in ("blocks_per_ckpt", "chunk_size") and value == 0 else value
+    if args.B is not None:
+        train["micro_batch_size"] = args.B
+    if args.precision is not None:
+        train["precision"] = args.precision
+    if args.L is not None:
+        data["seq_len"] = args.L
+    if args.n_genes is not None:
+        data["n_genes"] = args.n_genes
+    if args.n_bins is not None:
+        data["n_bins"] = args.n_bins
+    data.setdefault("seq_len", 63)
+    data.setdefault("n_genes", data["seq_len"])
+    data.setdefault("n_bins", 51)
+    train.setdefault("global_batch_size", train["micro_batch_size"] * (args.gpus or 1))
+    return model, train, data
+
+
+def _from_config(
+    args: argparse.Namespace,
+) -> tuple[list[tuple[str, dict, dict, dict]], dict[str, Any]]:
+    from evoformer.experiments import grid, spec
+
+    if not args.config.is_file():
+        raise InputError(f"{args.config}: config file not found")
+    config = yaml.safe_load(args.config.read_text()) or {}
+    if "experiment" not in config:
+        raise InputError(f"{args.config}: no 'experiment' section")
+    points = grid(config)
+    idx = range(len(points)) if args.experiment == "all" else [int(args.experiment)]
+    include_zero = bool((config.get("binning") or {}).get("include_zero_genes", True))
+    max_len = None
+    if args.binned_meta is not None:
+        max_len = json.loads(args.binned_meta.read_text()).get("max_len")
+    out = []
+    for i in idx:
+        if not 0 <= i < len(points):
+            raise InputError(f"--experiment {i}: the grid has {len(points)} point(s)")
+        point = {
+            k: (v.item() if hasattr(v, "item") else v) for k, v in points.iloc[i].to_dict().items()
+        }
+        s = spec(config, point, "holdout")
+        shape = data_shape(
+            int(point["n_hvg"]),
+            int(point["n_bins"]),
+            include_zero,
+            max_len,
+            prior=bool(s.get("prior")),
+        )
+        name = "/".join(f"{k}~{v}" for k, v in point.items())
+        out.append((name, s["model"], s["train"], shape))
+    return out, config.get("memory") or {}
+
+
+def _table(name: str, res: dict[str, Any]) -> str:
+    a, t = res["analytical"], res["traced"]
+    lines = [f"== {name}", f"   {'component':24s} {'analytical GiB':>15s} {'traced GiB':>12s}"]
+    for cat in CATEGORIES:
+        av, tv = a["by_category"].get(cat, 0), (t or {}).get("by_category", {}).get(cat, 0)
+        if av or tv:
+            lines.append(f"   {cat:24s} {av / GIB:15.2f} {(tv / GIB if t else float('nan')):12.2f}")
+    tp = t["peak_bytes"] / GIB if t else float("nan")
+    lines.append(f"   {'PEAK per GPU':24s} {a['peak_bytes'] / GIB:15.2f} {tp:12.2f}")
+    lines.append(
+        f"   usable: {res['budget_bytes'] / GIB:.2f} GiB; analytical peak at {a.get('peak_at', '')}"
+    )
+    lines.append("   " + res["message"])
+    return "\n".join(lines)
+
+
+def _analytical_only(
+    model: dict, train: dict, shape: dict, gpus: int, mem: float, margin: float, opm: str
+) -> dict[str, Any]:
+    spec = spec_from_config(model, train, shape, n_gpus=gpus, device="cuda", opm=opm)
+    a = estimate(spec)
+    budget = int(mem * GIB * (1 - margin))
+    fits = a.peak_bytes <= budget
+    verdict = "fits" if fits else "does not fit"
+    return {
+        "fits": fits,
+        "analytical": a.to_dict(),
+        "traced": None,
+        "budget_bytes": budget,
+        "message": f"{verdict} (analytical): {a.peak_bytes / GIB:.1f} GiB per GPU vs {budget / GIB:.1f} GiB usable",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.journal_table:
+            print(journal_table_markdown())
+            if not (args.config or args.journal or args.af2 or args.preset):
+                return 0
+        mem_cfg: dict[str, Any] = {}
+        if args.config is not None:
+            runs, mem_cfg = _from_config(args)
+        else:
+            model, train, shape = _explicit(args)
+            label = "journal" if args.journal else "af2" if args.af2 else "explicit"
+            runs = [(label, model, train, shape)]
+        gpus = args.gpus or 1
+        mem = (
+            args.gpu_mem_gib
+            if args.gpu_mem_gib is not None
+            else float(mem_cfg.get("gpu_mem_gib", 80))
+        )
+        margin = (
+            args.safety_margin
+            if args.safety_margin is not None
+            else float(mem_cfg.get("safety_margin", 0.1))
+        )
+        auto = args.auto_micro_batch or bool(mem_cfg.get("auto_micro_batch", False))
+        results = []
+        for name, model, train, shape in runs:
+            if args.method == "analytical":
+                res = _analytical_only(model, train, shape, gpus, mem, margin, args.opm)
+            else:
+                pf: PreflightResult = preflight(
+                    model, train, shape, mem, gpus, margin, auto, opm=args.opm, raise_on_oom=False
+                )
+                res = {**pf.to_dict(), "message": pf.message()}
+            res["name"] = name
+            results.append(res)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2, default=str))
+    else:
+        for res in results:
+            print(_table(res["name"], res))
+    return 0 if all(r["fits"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""Out-of-memory pre-flight: predict the peak per GPU before a job is queued.
+
+:func:`preflight` traces the experiment's training step (``FakeTensorMode`` + ``MemTracker``,
+nothing allocated) at its micro-batch on the target GPU and compares the peak with the usable
+memory, ``gpu_mem_gib * (1 - safety_margin)``. The margin covers what the traced peak does not
+contain: the CUDA context (about 0.5 GiB, outside ``max_memory_allocated``), cuBLAS / NCCL
+workspaces, allocator fragmentation (reserved > allocated) and the validation pass.
+
+When the step does not fit it either stops with a one-line message (the predicted peak, the
+dominant term, and what would fit: the largest micro-batch, and the switches - bf16, activation
+checkpointing, chunking - that bring the configured micro-batch under the budget), or, with
+``auto_micro_batch``, lowers the micro-batch to the largest one that fits and divides the global
+batch, raising gradient accumulation so the global batch is unchanged.
+
+Candidate configurations are screened with the analytical model, scaled by the ratio
+traced/analytical of the configured step (the two agree within a few per cent); the micro-batch
+the pre-flight picks is traced again before it is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from evoformer.errors import InputError
+from evoformer.io import write_text_atomic
+from evoformer.memory.analytical import GIB, AnalyticalResult, estimate, human_bytes
+from evoformer.memory.spec import StepSpec, spec_from_config
+from evoformer.memory.traced import TracedResult, trace_step
+
+log = logging.getLogger(__name__)
+
+#: Journal-style names of the ledger entries, for the "dominant term" of the message.
+COMPONENT_NAMES = {
+    "opm_outer": "naive outer product [B, r, r, c_opm, c_opm]",
+    "opm_q": "outer product mean Q [B, S*c_opm, r*c_z]",
+    "attention_bias": "attention bias/logits [B*rows, H, r, r]",
+    "attention_probs": "attention probabilities [B*rows, H, r, r]",
+    "qkv": "Q, K, V",
+    "tri_projections": "triangle-update projections [B, r, r, c_hidden]",
+    "tri_operands": "triangle-update matmul operands",
+    "transition_hidden": "transition hidden [*, n*c]",
+    "pair_stream": "pair representation z [B, r, r, c_z]",
+    "pair_ln_out": "LayerNorm(z) for the pair bias [B, r, r, c_z]",
+    "msa_stream": "MSA representation m [B, S, r, c_m]",
+}
+
+
+@dataclass
+class PreflightResult:
+    """Outcome of the pre-flight (JSON-serialisable with :meth:`to_dict`).
+
+    Attributes:
+        fits: whether the (possibly adjusted) step fits the budget.
+        predicted_peak_bytes: traced peak per GPU of the step that will run.
+        analytical_peak_bytes: analytical peak of the same step.
+        budget_bytes: ``gpu_mem_gib * 2^30 * (1 - safety_margin)``.
+        micro_batch_size, grad_accumulation: what training should use (adjusted when
+            ``auto_micro_batch`` lowered the micro-batch).
+        requested_micro_batch_size: the configured micro-batch.
+        requested_peak_bytes: traced peak at the configured micro-batch.
+        dominant: the largest term of the configured step (name and bytes).
+        suggestions: configurations of the configured step that fit (screened analytically).
+        largest_fitting_micro_batch: the largest micro-batch that fits (traced), or None.
+    """
+
+    fits: bool
+    predicted_peak_bytes: int
+    analytical_peak_bytes: int
+    budget_bytes: int
+    gpu_mem_gib: float
+    n_gpus: int
+    safety_margin: float
+    micro_batch_size: int
+    grad_accumulation: int
+    global_batch_size: int
+    requested_micro_batch_size: int
+    requested_peak_bytes: int
+    precision: str
+    dominant: dict[str, Any]
+    suggestions: list[dict[str, Any]] = field(default_factory=list)
+    largest_fitting_micro_batch: int | None = None
+    adjusted: bool = False
+    traced: dict[str, Any] = field(default_factory=dict)
+    analytical: dict[str, Any] = field(default_factory=dict)
+    spec: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def message(self) -> str:
+        """One line: verdict, predicted peak, budget, dominant term, what fits."""
+        h = human_bytes
+        head = (
+            f"predicted peak {h(self.requested_peak_bytes)} per GPU at micro_batch_size "
+            f"{self.requested_micro_batch_size} ({self.precision}) vs {h(self.budget_bytes)} usable "
+            f"({self.gpu_mem_gib:g} GiB x (1 - {self.safety_margin:g}))"
+        )
+        dom = f"dominant term: {self.dominant['name']} {h(self.dominant['bytes'])}"
+        if self.requested_peak_bytes <= self.budget_bytes:
+            return f"fits: {head}; {dom}"
+        fit = []
+        if self.largest_fitting_micro_batch:
+            fit.append(f"micro_batch_size <= {self.largest_fitting_micro_batch}")
+        for s in self.suggestions[:3]:
+            fit.append(f"{s['change']} (~{h(s['peak_bytes'])})")
+        would = (
+            "would fit: " + "; or ".join(fit)
+            if fit
+            else "nothing tried fits (even micro_batch_size 1)"
+        )
+        if self.adjusted:
+            return (
+                f"does not fit as configured: {head}; {dom}; using micro_batch_size "
+                f"{self.micro_batch_size} x grad_accumulation {self.grad_accumulation} "
+                f"({h(self.predicted_peak_bytes)}); {would}"
+            )
+        return f"does not fit: {head}; {dom}; {would}"
+
+
+def dominant_term(traced: TracedResult, analytical: AnalyticalResult) -> dict[str, Any]:
+    """The largest term at the peak: a traced category, or (for activations) the largest tensor
+    kind of the analytical ledger."""
+    cats = {k: v for k, v in traced.by_category.items() if v > 0}
+    cat = max(cats, key=cats.__getitem__) if cats else "activations"
+    if cat in ("activations", "backward_temporaries") and analytical.components:
+        comp = max(analytical.components, key=analytical.components.__getitem__)
+        return {
+            "name": COMPONENT_NAMES.get(comp, comp) + " (activations kept for backward)",
+            "component": comp,
+            "bytes": int(analytical.components[comp]),
+            "category": cat,
+            "category_bytes": int(cats.get(cat, 0)),
+        }
+    return {
+        "name": cat,
+        "component": cat,
+        "bytes": int(cats.get(cat, 0)),
+        "category": cat,
+        "category_bytes": int(cats.get(cat, 0)),
+    }
+
+
+def _calibrated(spec: StepSpec, ratio: float) -> int:
+    return int(estimate(spec).peak_bytes * ratio)
+
+
+def largest_micro_batch(
+    spec: StepSpec, budget: int, ratio: float, verify: bool = True
+) -> tuple[int | None, int]:
+    """Largest ``B <= spec.batch_size`` whose peak fits ``budget``.
+
+    Screened with the analytical model scaled by ``ratio`` (traced/analytical), then traced
+    (``verify``) and lowered until the traced peak fits. Returns ``(B, traced peak)`` or
+    ``(None, 0)``.
+    """
+    # a smaller micro-batch means gradient accumulation (gradients live through backward)
+    spec = spec.replace(grad_accumulation=max(2, spec.grad_accumulation))
+    lo, hi = 0, spec.batch_size
+    while lo < hi:  # analytical peak is monotone in B
+        mid = (lo + hi + 1) // 2
+        if _calibrated(spec.replace(batch_size=mid), ratio) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    b = lo
+    while verify and b >= 1:
+        peak = trace_step(spec.replace(batch_size=b)).peak_bytes
+        if peak <= budget:
+            # the screen may be a little pessimistic: step up while the next one fits
+            while b < spec.batch_size:
+                nxt = trace_step(spec.replace(batch_size=b + 1)).peak_bytes
+                if nxt > budget:
+                    break
+                b, peak = b + 1, nxt
+            return b, peak
+        b -= 1
+    if b >= 1:
+        return b, _calibrated(spec.replace(batch_size=b), ratio)
+    return None, 0
+
+
+def suggestions(spec: StepSpec, budget: int, ratio: float) -> list[dict[str, Any]]:
+    """Switches that bring ``spec`` (same micro-batch) under ``budget``, cheapest first.
+
+    Tried: bf16 autocast, activation checkpointing of every block, chunk sizes 256 ... 8 for the
+    pair ops, and their combinations; screened analytically (scaled by ``ratio``).
+    """
+    m = spec.model
+    options: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    base_model: dict[str, Any] = {}
+    if spec.precision != "bf16":
+        options.append(("precision bf16", {}, {"precision": "bf16"}))
+    if m.blocks_per_ckpt is None:
+        options.append(("blocks_per_ckpt 1", {"blocks_per_ckpt": 1}, {}))
+    chunks = [
+        c
+        for c in (256, 128, 64, 32, 16, 8)
+        if c < spec.r and (m.chunk_size is None or c < m.chunk_size)
+    ]
+    for c in chunks:
+        options.append((f"chunk_size {c}", {"chunk_size": c}, {}))
+    combos = []
+    bf = {"precision": "bf16"} if spec.precision != "bf16" else {}
+    ck = {"blocks_per_ckpt": 1} if m.blocks_per_ckpt is None else {}
+    if bf and ck:
+        combos.append(("precision bf16 + blocks_per_ckpt 1", ck, bf))
+    for c in chunks:
+        label = " + ".join(
+            x
+            for x in (
+                "precision bf16" if bf else "",
+                "blocks_per_ckpt 1" if ck else "",
+                f"chunk_size {c}",
+            )
+            if x
+        )
+        combos.append((label, {**ck, "chunk_size": c}, bf))
+    out = []
+    seen = set()
+    for change, model_changes, step_changes in options + combos:
+        if change in seen:
+            continue
+        seen.add(change)
+        cand = spec.replace(model={**base_model, **model_changes}, **step_changes)
+        peak = _calibrated(cand, ratio)
+        if peak <= budget:
+            out.append(
+                {
+                    "change": change,
+                    "peak_bytes": peak,
+                    "model": model_changes,
+                    "train": step_changes,
+                }
+            )
+    # fewest switches first, then the largest chunk (least recomputation), then lowest peak
+    out.sort(
+        key=lambda s: (
+            s["change"].count("+"),
+            -int(s["model"].get("chunk_size") or 10**9),
+            s["peak_bytes"],
+        )
+    )
+    # one suggestion per switch combination (the largest chunk that fits), and only when it
+    # needs all its switches (chunking does not help the naive outer product, for example)
+    kept: list[dict[str, Any]] = []
+    kinds: set[frozenset[str]] = set()
+    for s in out:
+        kind = frozenset((*s["model"], *s["train"]))
+        if kind in kinds or any(k < kind for k in kinds):
+            continue
+        kinds.add(kind)
+        kept.append(s)
+    return kept
+
+
+def preflight(
+    model_cfg: dict[str, Any],
+    train_cfg: dict[str, Any],
+    data_shape: dict[str, Any],
+    gpu_mem_gib: float,
+    n_gpus: int = 1,
+    safety_margin: float = 0.1,
+    auto_micro_batch: bool = False,
+    opm: str = "ours",
+    raise_on_oom: bool = True,
+    device: str = "cuda",
+) -> PreflightResult:
+    """Does the experiment's training step fit on ``n_gpus`` GPUs of ``gpu_mem_gib`` each?
+
+    Args:
+        model_cfg: ``experiment.model`` (ModelConfig keys).
+        train_cfg: ``experiment.train`` (``micro_batch_size``, ``global_batch_size``,
+            ``precision``, ...).
+        data_shape: ``seq_len``, ``n_genes``, ``n_bins`` (``n_labels``, ``prior``); see
+            :func:`evoformer.memory.spec.data_shape`.
+        gpu_mem_gib: memory of one GPU (80 for an A100-80GB).
+        n_gpus: GPUs (DDP processes) of the job.
+        safety_margin: fraction of the GPU memory kept free, in [0, 1).
+        auto_micro_batch: lower the micro-batch (raising gradient accumulation) instead of
+            failing when the configured one does not fit.
+        opm: ``ours`` or ``naive`` (for comparisons).
+        raise_on_oom: raise :class:`InputError` when nothing usable fits (the pipeline's
+            behaviour); False returns the result with ``fits = False``.
+        device: ``cuda`` (the target GPU, emulated) or ``cpu`` (a CPU-only run: ``n_gpus`` is
+            then the process count and ``gpu_mem_gib`` the memory per process).
+
+    Raises:
+        InputError: a bad argument, or the step does not fit (one line: predicted peak,
+            dominant term, what would fit).
+    """
+    t0 = time.perf_counter()
+    if not 0 <= safety_margin < 1:
+        raise InputError(
+            f"config key 'memory.safety_margin': got {safety_margin!r}, expected a number in [0, 1)"
+        )
+    if not gpu_mem_gib or gpu_mem_gib <= 0:
+        raise InputError(
+            f"config key 'memory.gpu_mem_gib': got {gpu_mem_gib!r}, expected a positive number"
+        )
+    if int(n_gpus) < 1:
+        raise InputError(f"preflight: n_gpus must be >= 1, got {n_gpus!r}")
+    spec = spec_from_config(
+        model_cfg, train_cfg, data_shape, n_gpus=int(n_gpus), device=device, opm=opm
+    )
+    global_batch = int(train_cfg.get("global_batch_size", spec.batch_size * n_gpus))
+    budget = int(gpu_mem_gib * GIB * (1 - safety_margin))
+
+    traced = trace_step(spec)
+    analytical = estimate(spec)
+    ratio = traced.peak_bytes / max(1, analytical.peak_bytes)
+    dom = dominant_term(traced, analytical)
+    fits = traced.peak_bytes <= budget
+    micro, peak, adjusted = spec.batch_size, traced.peak_bytes, False
+    largest, sugg = None, []
+    if not fits:
+        largest, largest_peak = largest_micro_batch(spec, budget, ratio)
+        sugg = suggestions(spec, budget, ratio)
+        if auto_micro_batch and largest:
+            per_gpu = global_batch // n_gpus
+            b = max((d for d in range(1, largest + 1) if per_gpu % d == 0), default=0)
+            if b >= 1 and global_batch % n_gpus == 0:
+                micro, adjusted, fits = b, True, True
+                peak = (
+                    largest_peak
+                    if b == largest
+                    else trace_step(
+                        spec.replace(batch_size=b, grad_accumulation=global_batch // (b * n_gpus))
+                    ).peak_bytes
+                )
+    accum = max(1, global_batch // max(1, micro * n_gpus))
+    final = spec.replace(batch_size=micro, grad_accumulation=accum)
+    result = PreflightResult(
+        fits=fits,
+        predicted_peak_bytes=int(peak),
+        analytical_peak_bytes=int(
+            analytical.peak_bytes if not adjusted else estimate(final).peak_bytes
+        ),
+        budget_bytes=budget,
+        gpu_mem_gib=float(gpu_mem_gib),
+        n_gpus=int(n_gpus),
+        safety_margin=float(safety_margin),
+        micro_batch_size=micro,
+        grad_accumulation=accum,
+        global_batch_size=global_batch,
+        requested_micro_batch_size=spec.batch_size,
+        requested_peak_bytes=int(traced.peak_bytes),
+        precision=spec.precision,
+        dominant=dom,
+        suggestions=sugg,
+        largest_fitting_micro_batch=largest,
+        adjusted=adjusted,
+        traced=traced.to_dict(),
+        analytical=analytical.to_dict(),
+        spec=final.to_dict(),
+        seconds=time.perf_counter() - t0,
+    )
+    if not result.fits and raise_on_oom:
+        raise InputError("config 'experiment.train.micro_batch_size': " + result.message())
+    return result
+
+
+def write_preflight(
+    out_json: str | os.PathLike,
+    model_cfg: dict[str, Any],
+    train_cfg: dict[str, Any],
+    data_shape: dict[str, Any],
+    gpu_mem_gib: float,
+    n_gpus: int = 1,
+    safety_margin: float = 0.1,
+    auto_micro_batch: bool = False,
+    device: str = "cuda",
+) -> PreflightResult:
+    """:func:`preflight` for the workflow: logs the verdict and writes ``preflight.json``
+    atomically; raises :class:`InputError` (nothing written) when the step does not fit."""
+    result = preflight(
+        model_cfg,
+        train_cfg,
+        data_shape,
+        gpu_mem_gib,
+        n_gpus,
+        safety_margin,
+        auto_micro_batch,
+        device=device,
+    )
+    log.info("%s", result.message())
+    log.info(
+        "traced %s, analytical %s, %.1f s",
+        human_bytes(result.predicted_peak_bytes),
+        human_bytes(result.analytical_peak_bytes),
+        result.seconds,
+    )
+    write_text_atomic(out_json, json.dumps(result.to_dict(), indent=2) + "\n")
+    return result

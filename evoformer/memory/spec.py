@@ -1,0 +1,273 @@
+"""What one training step on one device looks like: the input of every memory estimate.
+
+A :class:`StepSpec` fixes everything that decides memory: the model (``ModelConfig``), the
+micro-batch ``B`` (groups of ``S = n_cells_per_msa`` cells) per device, the gene tokens per cell
+``L`` (``r = L + 1`` with CLS), the vocabulary ``G``, the bins ``K``, the label classes, the
+precision, the outer-product-mean implementation (``ours`` or the ``naive`` ``[B, r, r, c, c]``
+one), the device whose allocator / kernels are emulated, and the process count (DDP buckets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evoformer.errors import InputError
+from evoformer.model import ModelConfig
+
+PRECISIONS = ("fp32", "bf16")
+OPM_KINDS = ("ours", "naive")
+DEVICE_KINDS = ("cuda", "cpu")
+
+
+@dataclass
+class StepSpec:
+    """One training step (forward, backward, clip, AdamW step) on one device.
+
+    Attributes:
+        model: the model configuration.
+        batch_size: ``B``, MSAs (groups of ``S`` cells) per device and forward pass.
+        seq_len: ``L``, gene tokens per cell (``r = L + 1``).
+        n_genes: ``G``, gene vocabulary (embedding rows).
+        n_bins: ``K``, expression bins (the MASK token is ``K``).
+        n_labels: classes of the cell-label head (0: no head).
+        precision: ``fp32`` or ``bf16`` (autocast).
+        opm: ``ours`` (the model's outer product mean) or ``naive`` (``[B, r, r, c, c]``).
+        device: ``cuda`` (emulate the CUDA allocator, SDPA kernels, autocast and foreach
+            AdamW) or ``cpu`` (what a CPU run does).
+        world_size: processes; > 1 adds DDP's gradient buckets (one fp32 copy of the gradients).
+        grad_accumulation: micro-batches per optimizer step; > 1: the step traced is the last
+            micro-batch of a cycle, whose backward adds to gradients that already exist.
+        lr, weight_decay, grad_clip: optimizer settings (they do not change memory; kept so the
+            traced step is the trainer's step).
+        prior: whether a ``[G, G]`` prior network buffer is attached.
+    """
+
+    model: ModelConfig
+    batch_size: int
+    seq_len: int
+    n_genes: int
+    n_bins: int
+    n_labels: int = 0
+    precision: str = "fp32"
+    opm: str = "ours"
+    device: str = "cuda"
+    world_size: int = 1
+    grad_accumulation: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    prior: bool = False
+
+    def __post_init__(self) -> None:
+        for key in (
+            "batch_size",
+            "seq_len",
+            "n_genes",
+            "n_bins",
+            "world_size",
+            "grad_accumulation",
+        ):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(
+                    f"memory spec key '{key}': got {value!r}, expected a positive integer"
+                )
+        if (
+            isinstance(self.n_labels, bool)
+            or not isinstance(self.n_labels, int)
+            or self.n_labels < 0
+        ):
+            raise InputError(
+                f"memory spec key 'n_labels': got {self.n_labels!r}, expected an integer >= 0"
+            )
+        for key, allowed in (
+            ("precision", PRECISIONS),
+            ("opm", OPM_KINDS),
+            ("device", DEVICE_KINDS),
+        ):
+            if getattr(self, key) not in allowed:
+                raise InputError(
+                    f"memory spec key '{key}': got {getattr(self, key)!r}, expected one of {list(allowed)}"
+                )
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def r(self) -> int:
+        """Tokens per cell including CLS."""
+        return self.seq_len + 1
+
+    @property
+    def S(self) -> int:  # noqa: N802 - the paper's name
+        """Cells per MSA."""
+        return self.model.n_cells_per_msa
+
+    @property
+    def bytes_act(self) -> int:
+        """Bytes per element of the activations inside the stack (2 under bf16 autocast)."""
+        return 2 if self.precision == "bf16" else 4
+
+    def replace(self, **changes: Any) -> StepSpec:
+        """Copy with fields changed; ``model`` may be given as a dict of ModelConfig changes."""
+        model = changes.pop("model", None)
+        if isinstance(model, dict):
+            model = ModelConfig.from_dict({**self.model.to_dict(), **model})
+        if model is not None:
+            changes["model"] = model
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-serialisable)."""
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        d["r"] = self.r
+        return d
+
+    def label(self) -> str:
+        """Short human-readable description."""
+        m = self.model
+        ck = f"ckpt{m.blocks_per_ckpt}" if m.blocks_per_ckpt else "no-ckpt"
+        ch = f"chunk{m.chunk_size}" if m.chunk_size else "no-chunk"
+        return (
+            f"{m.preset} B={self.batch_size} S={self.S} r={self.r} c_m={m.c_m} c_z={m.c_z} "
+            f"c_opm={m.c_opm} blocks={m.n_blocks} {self.precision} opm={self.opm} {ck} {ch}"
+        )
+
+
+def _accumulation(train_cfg: dict[str, Any], micro: int, world: int) -> int:
+    """The trainer's ``global / (micro x world)`` (1 when not given or not divisible)."""
+    glob = train_cfg.get("global_batch_size")
+    if not isinstance(glob, int) or isinstance(glob, bool) or glob % (micro * world):
+        return 1
+    return max(1, glob // (micro * world))
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """The trainer's rule: ``auto`` is bf16 autocast on CUDA, fp32 on CPU."""
+    if precision == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise InputError(
+            f"config key 'train.precision': got {precision!r}, expected auto, bf16 or fp32"
+        )
+    return precision
+
+
+def spec_from_config(
+    model_cfg: dict[str, Any] | ModelConfig,
+    train_cfg: dict[str, Any],
+    data_shape: dict[str, Any],
+    n_gpus: int = 1,
+    device: str = "cuda",
+    opm: str = "ours",
+) -> StepSpec:
+    """Build the per-device step from the experiment's ``model``/``train`` dicts and data shape.
+
+    Args:
+        model_cfg: ``experiment.model`` (ModelConfig keys) or a ModelConfig.
+        train_cfg: ``experiment.train``; uses ``micro_batch_size``, ``precision``, ``lr``,
+            ``weight_decay``, ``grad_clip`` and ``label_head`` (other keys are ignored here).
+        data_shape: ``seq_len`` (``L``) and ``n_genes`` (``G``), ``n_bins`` (``K``),
+            optional ``n_labels`` and ``prior`` (bool); see :func:`data_shape`.
+        n_gpus: processes the job runs (DDP world size).
+        device: ``cuda`` or ``cpu``.
+        opm: ``ours`` or ``naive``.
+    """
+    model = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.from_dict(model_cfg)
+    for key in ("seq_len", "n_genes", "n_bins"):
+        if key not in data_shape:
+            raise InputError(
+                f"memory data shape: key '{key}' is missing (have {sorted(data_shape)})"
+            )
+    micro = train_cfg.get("micro_batch_size", 8)
+    if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
+        raise InputError(
+            f"config key 'train.micro_batch_size': got {micro!r}, expected a positive integer"
+        )
+    label_head = bool(train_cfg.get("label_head", False))
+    n_labels = int(data_shape.get("n_labels", 0)) if label_head else 0
+    return StepSpec(
+        model=model,
+        batch_size=int(micro),
+        seq_len=int(data_shape["seq_len"]),
+        n_genes=int(data_shape["n_genes"]),
+        n_bins=int(data_shape["n_bins"]),
+        n_labels=n_labels,
+        precision=resolve_precision(str(train_cfg.get("precision", "auto")), device),
+        opm=opm,
+        device=device,
+        world_size=int(n_gpus),
+        grad_accumulation=_accumulation(train_cfg, int(micro), int(n_gpus)),
+        lr=float(train_cfg.get("lr", 1e-3)),
+        weight_decay=float(train_cfg.get("weight_decay", 0.01)),
+        grad_clip=float(train_cfg.get("grad_clip", 1.0)),
+        prior=bool(data_shape.get("prior", False)),
+    )
+
+
+def data_shape(
+    n_hvg: int,
+    n_bins: int,
+    include_zero_genes: bool = True,
+    max_len: int | None = None,
+    n_labels: int = 0,
+    prior: bool = False,
+) -> dict[str, Any]:
+    """Data shape from the experiment: ``L = n_hvg`` with zero genes, else the binned ``max_len``.
+
+    Args:
+        n_hvg: highly variable genes (the gene vocabulary ``G``).
+        n_bins: expression bins ``K``.
+        include_zero_genes: ``binning.include_zero_genes``.
+        max_len: longest cell in the binned data (``meta.json``); needed when zero genes are
+            dropped (``None`` falls back to ``n_hvg``, the upper bound).
+        n_labels: cell-label classes (used when ``train.label_head`` is on).
+        prior: a prior gene-gene network is attached.
+    """
+    seq_len = n_hvg if include_zero_genes or max_len is None else int(max_len)
+    return {
+        "seq_len": int(seq_len),
+        "n_genes": int(n_hvg),
+        "n_bins": int(n_bins),
+        "n_labels": int(n_labels),
+        "prior": bool(prior),
+    }
+
+
+def data_shape_from_meta(
+    meta: dict[str, Any], n_labels: int = 0, prior: bool = False
+) -> dict[str, Any]:
+    """Data shape from the binned data's ``meta.json`` (``max_len``, ``n_genes``, ``n_bins``)."""
+    for key in ("max_len", "n_genes", "n_bins"):
+        if key not in meta:
+            raise InputError(f"binned meta.json: key '{key}' is missing")
+    return {
+        "seq_len": int(meta["max_len"]),
+        "n_genes": int(meta["n_genes"]),
+        "n_bins": int(meta["n_bins"]),
+        "n_labels": int(n_labels),
+        "prior": bool(prior),
+    }
+
+
+def resolve_data_shape(
+    n_hvg: int,
+    n_bins: int,
+    include_zero_genes: bool = True,
+    binned_meta: str | os.PathLike | None = None,
+    n_labels: int = 0,
+    prior: bool = False,
+) -> dict[str, Any]:
+    """Data shape of an experiment: from the binned ``meta.json`` when given (exact ``max_len``),
+    else from the config (``L = n_hvg``, exact with zero genes, an upper bound without)."""
+    if binned_meta is not None and Path(binned_meta).is_file():
+        try:
+            meta = json.loads(Path(binned_meta).read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{binned_meta}: not valid JSON ({exc})") from exc
+        return data_shape_from_meta(meta, n_labels=n_labels, prior=prior)
+    return data_shape(n_hvg, n_bins, include_zero_genes, None, n_labels=n_labels, prior=prior)

@@ -1,0 +1,300 @@
+"""BioFormer: the single-cell Evoformer (genes are tokens, expression bins are values).
+
+Input per cell: ``L`` gene tokens (all HVGs, or the cell's non-zero genes padded) with their
+expression bins. The model prepends a CLS token (``r = L + 1``) and builds
+
+* the MSA ``m [B, S, r, c_m]``: LayerNorm(gene identity embedding + value embedding), CLS = a
+  learned vector; ``S`` cells form one "MSA" (``S = 1`` by default: every cell is its own MSA);
+* the pair representation ``z [B, r, r, c_z]``: outer sum of projections of the gene identity
+  embeddings (AF2's ``z_ij = a_i + b_j``), plus optionally a prior gene-gene network
+  (``prior[g_i, g_j]`` through a learned projection). ``z`` is indexed by the gene tokens of the
+  first cell of each group (with ``S > 1`` the cells of a group should share their gene order,
+  i.e. ``include_zero_genes: true``);
+
+runs the Evoformer stack, and predicts the masked bins from ``m`` (and a cell label from CLS).
+Because the heads read only ``m``, the last block has no pair updates (they would be computed
+and thrown away); the returned ``z`` is the pair representation that biased the last block.
+
+Under autocast (bf16 on GPU) the residual streams ``m`` and ``z`` are kept in the autocast dtype,
+which halves the memory of the pair representation and of the activation checkpoints.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evoformer.model.config import ModelConfig
+from evoformer.model.evoformer import EvoformerStack
+from evoformer.model.primitives import LayerNorm, Linear
+
+
+class ContinuousValueEncoder(nn.Module):
+    """scGPT / BioFormer continuous value encoder: ``LN(Linear(ReLU(Linear(bin))))``.
+
+    The MASK token (value ``n_bins``) gets a learned embedding instead.
+    """
+
+    def __init__(self, c: int, n_bins: int) -> None:
+        super().__init__()
+        self.n_bins = n_bins
+        self.linear_1 = Linear(1, c, init="relu")
+        self.linear_2 = Linear(c, c)
+        self.layer_norm = LayerNorm(c)
+        self.mask_embedding = nn.Parameter(torch.zeros(c))
+        nn.init.normal_(self.mask_embedding, std=0.02)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        """``values [*] long in [0, n_bins]`` -> ``[*, c]``."""
+        x = values.to(self.linear_1.weight.dtype).unsqueeze(-1)
+        x = self.layer_norm(self.linear_2(torch.relu(self.linear_1(x))))
+        is_mask = (values == self.n_bins).unsqueeze(-1)
+        return torch.where(is_mask, self.mask_embedding.to(x.dtype), x)
+
+
+class BioFormer(nn.Module):
+    """Single-cell Evoformer with a masked-value head and an optional cell-label head.
+
+    Args:
+        cfg: model configuration.
+        n_genes: ``G``, size of the gene vocabulary (genes.tsv).
+        n_bins: ``K``, number of expression bins (values ``0..K-1``; ``K`` is the MASK token).
+        n_labels: classes of the cell-label head on CLS (0 = no head).
+        prior: optional float ``[G, G]`` prior gene-gene network (see ``load_prior_network``).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        n_genes: int,
+        n_bins: int,
+        n_labels: int = 0,
+        prior: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.n_genes = n_genes
+        self.n_bins = n_bins
+        self.n_labels = n_labels
+        c_m, c_z = cfg.c_m, cfg.c_z
+
+        self.gene_embedding = nn.Embedding(n_genes, c_m)
+        nn.init.normal_(self.gene_embedding.weight, std=1.0)
+        self.cls_embedding = nn.Parameter(torch.randn(c_m))
+        if cfg.value_encoder == "embedding":
+            self.value_encoder: nn.Module = nn.Embedding(n_bins + 1, c_m)
+        else:
+            self.value_encoder = ContinuousValueEncoder(c_m, n_bins)
+        self.embed_layer_norm = LayerNorm(c_m)
+
+        self.pair_left = Linear(c_m, c_z)
+        self.pair_right = Linear(c_m, c_z)
+        if prior is not None:
+            if tuple(prior.shape) != (n_genes, n_genes):
+                raise ValueError(f"prior must be [{n_genes}, {n_genes}], got {list(prior.shape)}")
+            self.register_buffer("prior", prior.detach().to(torch.float32).clone())
+            # features per pair: the edge value and an edge-present indicator
+            self.prior_proj: Linear | None = Linear(2, c_z)
+        else:
+            self.prior = None
+            self.prior_proj = None
+
+        # The heads read only the MSA: the last block's pair updates would have no consumer.
+        self.stack = EvoformerStack(cfg, final_pair_update=False)
+        self.final_layer_norm = LayerNorm(c_m) if cfg.ln_order == "pre" else nn.Identity()
+        n_out = n_bins if cfg.loss == "ce" else 1
+        self.value_head = nn.Sequential(
+            Linear(c_m, c_m, init="relu"), nn.GELU(), Linear(c_m, n_out)
+        )
+        self.label_head = Linear(c_m, n_labels) if n_labels > 0 else None
+
+    # ------------------------------------------------------------------ embeddings
+    def embed(
+        self, gene_ids: torch.Tensor, values: torch.Tensor, pad_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Initial representations.
+
+        Args:
+            gene_ids, values: ``[B, S, L]`` long; pad_mask: ``[B, S, L]`` bool.
+
+        Returns:
+            ``m [B, S, r, c_m]``, ``z [B, r, r, c_z]``, ``msa_mask [B, S, r]``,
+            ``pair_mask [B, r, r]`` (masks as float 0/1), ``r = L + 1``.
+        """
+        b, s, _ = gene_ids.shape
+        gene = self.gene_embedding(gene_ids)  # [B, S, L, c_m]
+        tok = gene + self.value_encoder(values).to(gene.dtype)
+        cls = self.cls_embedding.to(gene.dtype).expand(b, s, 1, -1)
+        m = self.embed_layer_norm(torch.cat([cls, tok], dim=-2))  # [B, S, r, c_m]
+
+        real = torch.ones_like(pad_mask[..., :1])
+        msa_mask = torch.cat([real, pad_mask], dim=-1).to(m.dtype)  # [B, S, r]
+        tok_mask = msa_mask[:, 0]  # [B, r] (first cell of the group)
+        pair_mask = tok_mask[:, :, None] * tok_mask[:, None, :]
+
+        e = torch.cat([cls[:, 0], gene[:, 0]], dim=-2)  # [B, r, c_m]
+        z = self.pair_left(e)[:, :, None, :] + self.pair_right(e)[:, None, :, :]
+        if self.prior is not None and self.prior_proj is not None:
+            ids = gene_ids[:, 0]  # [B, L]
+            p = self.prior[ids[:, :, None], ids[:, None, :]]  # [B, L, L]
+            p = F.pad(p, (1, 0, 1, 0))  # CLS row / column: no edges -> [B, r, r]
+            feats = torch.stack([p, (p != 0).to(p.dtype)], dim=-1)
+            z = z + self.prior_proj(feats).to(z.dtype)
+        return m, z, msa_mask, pair_mask
+
+    def forward(
+        self, gene_ids: torch.Tensor, values: torch.Tensor, pad_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor | None]:
+        """
+        Args:
+            gene_ids: ``[B, S, L]`` long in ``[0, G)``.
+            values: ``[B, S, L]`` long in ``[0, K]`` (``K`` = MASK).
+            pad_mask: ``[B, S, L]`` bool, True = real token.
+
+        Returns:
+            dict with ``pred`` (``[B, S, L, K]`` logits for loss "ce", ``[B, S, L]`` bin value for
+            "mse"), ``cls [B, S, c_m]``, ``mean [B, S, c_m]`` (over real gene tokens),
+            ``label_logits [B, S, n_labels]`` or None, ``z [B, r, r, c_z]``.
+        """
+        m, z, msa_mask, pair_mask = self.embed(gene_ids, values, pad_mask)
+        dev = m.device.type
+        if torch.is_autocast_enabled(dev):
+            dt = torch.get_autocast_dtype(dev)
+            m, z = m.to(dt), z.to(dt)
+        m, z = self.stack(m, z, msa_mask, pair_mask)
+        m = self.final_layer_norm(m)
+
+        genes = m[:, :, 1:]  # [B, S, L, c_m]
+        pred = self.value_head(genes)
+        if self.cfg.loss == "mse":
+            pred = pred.squeeze(-1)
+        w = pad_mask.to(genes.dtype).unsqueeze(-1)
+        mean = (genes * w).sum(-2) / w.sum(-2).clamp(min=1)
+        cls = m[:, :, 0]
+        label_logits = self.label_head(cls) if self.label_head is not None else None
+        return {"pred": pred, "cls": cls, "mean": mean, "label_logits": label_logits, "z": z}
+
+    # ------------------------------------------------------------------ loss
+    def loss_terms(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and detached 0-d metric tensors (no host sync; safe under FakeTensorMode).
+
+        Args:
+            batch: ``gene_ids``, ``values`` (masked), ``pad_mask``, ``target`` (true bins),
+                ``loss_mask`` (positions to predict), all ``[B, S, L]``; optional ``labels``
+                ``[B, S]`` long (-1 = unknown).
+
+        Returns:
+            ``(loss, metrics)``: scalar loss (value loss + label loss) and 0-d metric tensors.
+        """
+        out = self(batch["gene_ids"], batch["values"], batch["pad_mask"])
+        target = batch["target"]
+        w = batch["loss_mask"].to(torch.float32)
+        n = w.sum().clamp(min=1)
+        pred = out["pred"]
+        assert pred is not None
+        if self.cfg.loss == "ce":
+            logits = pred.float()
+            per = F.cross_entropy(
+                logits.reshape(-1, self.n_bins), target.reshape(-1), reduction="none"
+            ).view_as(w)
+            hit = (logits.argmax(-1) == target).to(torch.float32)
+        else:
+            value = pred.float()
+            per = (value - target.to(torch.float32)) ** 2
+            hit = (value.round().clamp(0, self.n_bins - 1) == target).to(torch.float32)
+        value_loss = (per * w).sum() / n
+        metrics = {"value_loss": value_loss.detach(), "bin_acc": ((hit * w).sum() / n).detach()}
+        loss = value_loss
+
+        labels = batch.get("labels")
+        if self.label_head is not None and labels is not None:
+            logits = out["label_logits"]
+            assert logits is not None
+            known = (labels >= 0).to(torch.float32)
+            n_known = known.sum().clamp(min=1)
+            per_cell = F.cross_entropy(
+                logits.float().reshape(-1, self.n_labels),
+                labels.clamp(min=0).reshape(-1),
+                reduction="none",
+            ).view_as(known)
+            label_loss = (per_cell * known).sum() / n_known
+            label_hit = (logits.argmax(-1) == labels).to(torch.float32)
+            metrics["label_loss"] = label_loss.detach()
+            metrics["label_acc"] = ((label_hit * known).sum() / n_known).detach()
+            loss = loss + label_loss
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """:meth:`loss_terms` with the metrics as Python floats (NaN for fake/meta tensors)."""
+        loss, metrics = self.loss_terms(batch)
+        return loss, metrics_to_floats(metrics)
+
+
+def metrics_to_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-d metric tensors -> Python floats in one host transfer; NaN under FakeTensorMode/meta."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if not metrics:
+        return {}
+    vals = list(metrics.values())
+    if any(is_fake(v) or v.device.type == "meta" for v in vals):
+        return {k: float("nan") for k in metrics}
+    floats = torch.stack([v.detach().float() for v in vals]).tolist()
+    return dict(zip(metrics, floats, strict=True))
+
+
+# ---------------------------------------------------------------------- parameter counts
+_OPS = (
+    "msa_row_attention",
+    "msa_column_attention",
+    "msa_transition",
+    "outer_product_mean",
+    "tri_mul_out",
+    "tri_mul_in",
+    "tri_att_start",
+    "tri_att_end",
+    "pair_transition",
+)
+_TOP = {
+    "gene_embedding": "embeddings",
+    "cls_embedding": "embeddings",
+    "value_encoder": "embeddings",
+    "embed_layer_norm": "embeddings",
+    "pair_left": "pair_init",
+    "pair_right": "pair_init",
+    "prior_proj": "pair_init",
+    "final_layer_norm": "heads",
+    "value_head": "heads",
+    "label_head": "heads",
+}
+_BLOCK_RE = re.compile(r"(?:^|\.)blocks\.\d+\.([A-Za-z_]+)\.")
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters per component.
+
+    Keys: ``embeddings``, ``pair_init``, one key per Evoformer op (summed over blocks, its
+    LayerNorm included; 0 when the op is switched off), ``heads`` and ``total`` (the sum).
+    Works on a BioFormer, an EvoformerStack or an EvoformerBlock (block params are keyed by op).
+    """
+    counts = {"embeddings": 0, "pair_init": 0, **dict.fromkeys(_OPS, 0), "heads": 0}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        match = _BLOCK_RE.search(name)
+        top = name.split(".", 1)[0]
+        if match:
+            key = match.group(1)
+        elif top in _OPS:  # a bare EvoformerBlock
+            key = top
+        else:
+            key = _TOP.get(top, "other")
+        counts[key] = counts.get(key, 0) + p.numel()
+    counts["total"] = sum(counts.values())
+    return counts

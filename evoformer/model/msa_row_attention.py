@@ -1,0 +1,40 @@
+"""MSA row-wise gated self-attention with pair bias (AF2 supplement Alg. 7)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.profiler import record_function
+
+from evoformer.model.primitives import Attention, LayerNorm, Linear, mask_bias
+
+
+class MSARowAttentionWithPairBias(nn.Module):
+    """Each MSA row (cell) attends over its ``r`` tokens, biased by the pair representation.
+
+    ``bias[h, i, j] = Linear(LayerNorm(z_ij))_h`` is shared by all ``S`` rows; masked keys get
+    ``-inf``. Attention runs through SDPA; logits exist only inside the kernel on GPU.
+    """
+
+    def __init__(self, c_m: int, c_z: int, c_hidden: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.layer_norm_z = LayerNorm(c_z)
+        self.linear_z = Linear(c_z, n_heads, bias=False)
+        self.mha = Attention(c_m, c_hidden, n_heads)
+
+    def forward(self, m: torch.Tensor, z: torch.Tensor, msa_mask: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            m: ``[*, S, r, c_m]`` MSA (already layer-normed in pre-LN order).
+            z: ``[*, r, r, c_z]`` pair representation.
+            msa_mask: ``[*, S, r]`` 1 = real token.
+
+        Returns:
+            ``[*, S, r, c_m]`` update.
+        """
+        with record_function("msa_row_attention"):
+            pair_bias = self.linear_z(self.layer_norm_z(z))  # [*, r, r, H]
+            pair_bias = pair_bias.movedim(-1, -3).unsqueeze(-4)  # [*, 1, H, r, r]
+            key_bias = mask_bias(msa_mask, m.dtype)[..., None, None, :]  # [*, S, 1, 1, r]
+            return self.mha(m, pair_bias + key_bias.to(pair_bias.dtype))

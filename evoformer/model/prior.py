@@ -1,0 +1,75 @@
+"""Prior gene-gene network (e.g. an OmniPath export) as a dense ``[G, G]`` matrix."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import torch
+
+from evoformer.errors import InputError
+
+
+def load_prior_network(path: str | os.PathLike, gene_names: list[str]) -> torch.Tensor:
+    """Read a TSV of directed gene-gene edges into ``prior [G, G]`` (``prior[source, target]``).
+
+    The file has a header with columns ``source`` and ``target`` (gene names as in
+    ``gene_names``) and optionally ``weight`` (float, default 1) and/or ``sign`` (+1 / -1,
+    default +1); an edge's value is ``weight * sign``, duplicate edges add up. Other columns are
+    ignored. Genes not in ``gene_names`` are skipped.
+
+    Args:
+        path: TSV file.
+        gene_names: ``G`` gene names in model order (genes.tsv).
+
+    Returns:
+        float32 ``[G, G]``; 0 where there is no edge.
+
+    Raises:
+        InputError: the file is missing/unreadable, a required column is missing, or a
+            weight/sign value is invalid.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: prior network file not found")
+    try:
+        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read prior network TSV ({exc})") from exc
+    for col in ("source", "target"):
+        if col not in df.columns:
+            raise InputError(
+                f"{path}: prior network has no '{col}' column (columns: {list(df.columns)})"
+            )
+
+    n = len(df)
+    value = np.ones(n, dtype=np.float64)
+    if "weight" in df.columns:
+        w = pd.to_numeric(df["weight"], errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(w)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise InputError(
+                f"{path}: column 'weight' row {row + 2} is not a finite number: {df['weight'].iloc[row]!r}"
+            )
+        value *= w
+    if "sign" in df.columns:
+        s = pd.to_numeric(df["sign"], errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isin(s, (1.0, -1.0))
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise InputError(
+                f"{path}: column 'sign' row {row + 2} must be +1 or -1, got {df['sign'].iloc[row]!r}"
+            )
+        value *= s
+
+    index = {g: i for i, g in enumerate(gene_names)}
+    src = df["source"].map(index)
+    tgt = df["target"].map(index)
+    keep = (src.notna() & tgt.notna()).to_numpy()
+    prior = np.zeros((len(gene_names), len(gene_names)), dtype=np.float64)
+    np.add.at(
+        prior, (src[keep].astype(int).to_numpy(), tgt[keep].astype(int).to_numpy()), value[keep]
+    )
+    return torch.from_numpy(prior.astype(np.float32))

@@ -1,0 +1,126 @@
+# Helpers shared by the rules: config validation messages, the config slices each
+# rule gets as params (plain dicts and scalars, so a change to an unrelated key
+# never reruns a rule), the dataset paths and the target lists. The Snakefile
+# validates the config (filling defaults) before the rules use these.
+import contextlib
+import copy
+
+import jsonschema
+
+PBMC68K_PATH = "resources/pbmc68k.h5ad"
+SYNTHETIC_DIR = "resources/synthetic"
+BINNED_FILES = (
+    "values.npy",
+    "gene_index.npy",
+    "edges.npy",
+    "cells.tsv",
+    "genes.tsv",
+    "meta.json",
+)
+
+
+def dataset_entry(name):
+    """The config entry datasets.<name> (raises a one-line error for unknown names)."""
+    if name not in config["datasets"]:
+        raise WorkflowError(
+            f"invalid config: unknown dataset {name!r}; "
+            f"datasets: {', '.join(sorted(config['datasets']))}"
+        )
+    return config["datasets"][name]
+
+
+def dataset_file(name):
+    """The .h5ad file of a dataset, relative to the workflow directory."""
+    entry = dataset_entry(name)
+    if entry["kind"] == "pbmc68k":
+        return PBMC68K_PATH
+    if entry["kind"] == "synthetic":
+        return f"{SYNTHETIC_DIR}/{name}.h5ad"
+    return entry["path"]
+
+
+def expression_config(name):
+    """How to read a dataset's expression: expression, value_type, label_key."""
+    entry = dataset_entry(name)
+    return {k: entry[k] for k in ("expression", "value_type", "label_key")}
+
+
+def synthetic_config(name):
+    """Generator parameters of a synthetic dataset."""
+    entry = dataset_entry(name)
+    if entry["kind"] != "synthetic":
+        raise WorkflowError(f"dataset {name!r} is not of kind synthetic")
+    return copy.deepcopy(entry.get("synthetic", {}))
+
+
+def hvg_config():
+    return copy.deepcopy(config["hvg"])
+
+
+def binning_config():
+    return copy.deepcopy(config["binning"])
+
+
+def split_config():
+    return copy.deepcopy(config["split"])
+
+
+def hvg_dir(dataset, n_hvg):
+    return f"results/{dataset}/hvg{n_hvg}"
+
+
+def binned_dir(dataset, n_hvg, n_bins):
+    return f"{hvg_dir(dataset, n_hvg)}/bins{n_bins}"
+
+
+def binned_files(dataset, n_hvg, n_bins):
+    return [f"{binned_dir(dataset, n_hvg, n_bins)}/{f}" for f in BINNED_FILES]
+
+
+def split_file(dataset):
+    return f"results/{dataset}/split.tsv"
+
+
+def preprocess_targets(experiment=None):
+    """Binned files and split table of an experiment (default: the base experiment)."""
+    exp = config["experiment"] if experiment is None else experiment
+    dataset_entry(exp["dataset"])
+    return [
+        *binned_files(exp["dataset"], exp["n_hvg"], exp["n_bins"]),
+        split_file(exp["dataset"]),
+    ]
+
+
+@contextlib.contextmanager
+def one_line_config_errors():
+    """Turn a schema validation error into one line: 'invalid config: <key>: <what>'."""
+    try:
+        yield
+    except WorkflowError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if not isinstance(cause, jsonschema.ValidationError):
+            raise
+        err = jsonschema.exceptions.best_match([cause, *cause.context])
+        key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise WorkflowError(f"invalid config: {key}: {err.message}") from None
+
+
+def check_config():
+    """Checks that the schema cannot express, with messages naming the key."""
+    name = config["experiment"]["dataset"]
+    if name not in config["datasets"]:
+        raise WorkflowError(
+            f"invalid config: experiment.dataset: unknown dataset {name!r}; "
+            f"datasets: {', '.join(sorted(config['datasets']))}"
+        )
+    if config["split"]["n_folds"] == 1:
+        raise WorkflowError(
+            "invalid config: split.n_folds: 1 fold is no cross-validation; use 0 (no CV) or >= 2"
+        )
+    fractions = config["split"]["fractions"]
+    if abs(sum(fractions.values()) - 1) > 1e-6:
+        raise WorkflowError(
+            f"invalid config: split.fractions: {fractions} must sum to 1"
+        )
+    if fractions["train"] <= 0:
+        raise WorkflowError("invalid config: split.fractions.train: must be > 0")

@@ -1,0 +1,98 @@
+# Preprocessing: dataset materialisation, HVG selection, binning, splitting.
+# Each rule gets only the config slice it uses as params; the work is done by the
+# evoformer package (evoformer/data), called from thin workflow_scripts.
+
+
+wildcard_constraints:
+    dataset="[A-Za-z0-9_.-]+",
+    n_hvg=r"\d+",
+    n_bins=r"\d+",
+
+
+rule pbmc68k:
+    output:
+        PBMC68K_PATH,
+    log:
+        "logs/datasets/pbmc68k.log",
+    benchmark:
+        "results/benchmarks/datasets/pbmc68k.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    script:
+        "../workflow_scripts/pbmc68k.py"
+
+
+rule synthetic:
+    output:
+        f"{SYNTHETIC_DIR}/{{dataset}}.h5ad",
+    log:
+        "logs/datasets/synthetic_{dataset}.log",
+    benchmark:
+        "results/benchmarks/datasets/synthetic_{dataset}.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    params:
+        synthetic=lambda wc: synthetic_config(wc.dataset),
+    script:
+        "../workflow_scripts/synthetic.py"
+
+
+rule hvg:
+    input:
+        dataset=lambda wc: dataset_file(wc.dataset),
+    output:
+        h5ad="results/{dataset}/hvg{n_hvg}/hvg.h5ad",
+        genes="results/{dataset}/hvg{n_hvg}/genes.tsv",
+        plot="results/{dataset}/hvg{n_hvg}/hvg.png",
+    log:
+        "logs/hvg/{dataset}_hvg{n_hvg}.log",
+    benchmark:
+        "results/benchmarks/hvg/{dataset}_hvg{n_hvg}.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    params:
+        dataset=lambda wc: expression_config(wc.dataset),
+        hvg=hvg_config(),
+    script:
+        "../workflow_scripts/hvg.py"
+
+
+rule bin:
+    input:
+        hvg="results/{dataset}/hvg{n_hvg}/hvg.h5ad",
+    output:
+        values="results/{dataset}/hvg{n_hvg}/bins{n_bins}/values.npy",
+        gene_index="results/{dataset}/hvg{n_hvg}/bins{n_bins}/gene_index.npy",
+        edges="results/{dataset}/hvg{n_hvg}/bins{n_bins}/edges.npy",
+        cells="results/{dataset}/hvg{n_hvg}/bins{n_bins}/cells.tsv",
+        genes="results/{dataset}/hvg{n_hvg}/bins{n_bins}/genes.tsv",
+        meta="results/{dataset}/hvg{n_hvg}/bins{n_bins}/meta.json",
+    log:
+        "logs/bin/{dataset}_hvg{n_hvg}_bins{n_bins}.log",
+    benchmark:
+        "results/benchmarks/bin/{dataset}_hvg{n_hvg}_bins{n_bins}.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    threads: 4
+    params:
+        binning=binning_config(),
+    script:
+        "../workflow_scripts/bin.py"
+
+
+rule split:
+    input:
+        dataset=lambda wc: dataset_file(wc.dataset),
+    output:
+        "results/{dataset}/split.tsv",
+    log:
+        "logs/split/{dataset}.log",
+    benchmark:
+        "results/benchmarks/split/{dataset}.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    params:
+        label_key=lambda wc: dataset_entry(wc.dataset)["label_key"],
+        split=split_config(),
+    script:
+        "../workflow_scripts/split.py"

@@ -1,0 +1,193 @@
+"""Binning: bit-for-bit equality with scGPT's per-cell loop, tie modes, the on-disk format."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from evoformer.data import binning
+from evoformer.data.arrays import BinnedData
+from evoformer.data.binning import bin_csr_rows, bin_h5ad, reference_binning
+from evoformer.data.datasets import make_synthetic
+from evoformer.errors import InputError
+
+
+def _log_normalised(counts: sp.csr_matrix) -> sp.csr_matrix:
+    """log1p(1e4 * counts / library size) as float32 CSR: tie-heavy like real data."""
+    lib = np.asarray(counts.sum(axis=1)).ravel()
+    x = sp.diags((1e4 / np.maximum(lib, 1)).astype(np.float32)) @ counts
+    x = sp.csr_matrix(x, dtype=np.float32)
+    x.data = np.log1p(x.data)
+    x.sort_indices()
+    return x
+
+
+@pytest.fixture(scope="module")
+def expression() -> sp.csr_matrix:
+    x = make_synthetic(n_cells=300, n_genes=400, n_types=3, mean_counts=800, seed=3).X
+    x = _log_normalised(sp.csr_matrix(x))
+    x = x.tolil()
+    x[7, :] = 0  # a cell without expression
+    x[11, :] = 0
+    x[11, 5] = 2.5  # a cell with a single value
+    x = x.tocsr()
+    x.sort_indices()
+    return x
+
+
+def _scatter(x: sp.csr_matrix, bins: np.ndarray) -> np.ndarray:
+    coo = x.tocoo()
+    dense = np.zeros(x.shape, dtype=np.int64)
+    dense[coo.row, coo.col] = bins
+    return dense
+
+
+def _scgpt_loop_global_rng(x: np.ndarray, n_bins: int, seed: int) -> np.ndarray:
+    """scGPT's loop as published: global np.random.seed + np.random.rand per cell."""
+    np.random.seed(seed)
+    out = np.zeros(x.shape, dtype=np.int64)
+    for i, row in enumerate(x):
+        if row.max() == 0:
+            continue
+        nz = row.nonzero()
+        edges = np.quantile(row[nz], np.linspace(0, 1, n_bins - 1))
+        left = np.digitize(row[nz], edges)
+        right = np.digitize(row[nz], edges, right=True)
+        out[i, nz[0]] = np.ceil(np.random.rand(len(nz[0])) * (right - left) + left).astype(np.int64)
+    return out
+
+
+def test_reference_is_scgpts_global_stream(expression):
+    dense = expression[:40].toarray()
+    ref, _ = reference_binning(dense, 11, 5)
+    assert np.array_equal(ref, _scgpt_loop_global_rng(dense, 11, seed=5))
+
+
+@pytest.mark.parametrize("n_bins", [3, 11, 51, 300])
+def test_random_mode_equals_reference_bit_for_bit(expression, n_bins):
+    ref_bins, ref_edges = reference_binning(expression, n_bins, 7)
+    rng = np.random.RandomState(7)
+    # two blocks continuing one stream, as bin_h5ad's chunks do
+    a, ea = bin_csr_rows(expression[:130], n_bins, "random", rng)
+    b, eb = bin_csr_rows(expression[130:], n_bins, "random", rng, n_threads=2)
+    assert np.array_equal(_scatter(expression, np.concatenate([a, b])), ref_bins)
+    assert np.array_equal(np.vstack([ea, eb]), ref_edges)
+    assert ref_bins.max() == n_bins - 1 and ref_bins[expression.toarray() > 0].min() == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_equal_on_heavy_ties_and_both_dtypes(dtype):
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(0.9, (200, 60)).astype(dtype)
+    dense[3] = 4.0  # all values equal: every edge ties
+    x = sp.csr_matrix(dense)
+    ref_bins, ref_edges = reference_binning(x, 21, 1)
+    bins, edges = bin_csr_rows(x, 21, "random", np.random.RandomState(1))
+    assert np.array_equal(_scatter(x, bins), ref_bins)
+    assert np.array_equal(edges, ref_edges)
+    assert len(set(ref_bins[3])) > 5  # the constant cell is spread over its tie range
+
+
+def test_deterministic_mode_stays_in_the_tie_range(expression):
+    bins, edges = bin_csr_rows(expression, 11, "deterministic")
+    again, _ = bin_csr_rows(expression, 11, "deterministic")
+    assert np.array_equal(bins, again)
+    dense = _scatter(expression, bins)
+    for i in range(expression.shape[0]):
+        row = expression[i].toarray().ravel()
+        nz = row.nonzero()[0]
+        if len(nz) == 0:
+            assert not dense[i].any() and not edges[i].any()
+            continue
+        left = np.digitize(row[nz], edges[i])
+        right = np.digitize(row[nz], edges[i], right=True)
+        low = np.minimum(right + 1, left)
+        assert np.array_equal(dense[i, nz], (low + left + 1) // 2)
+
+
+def test_unsorted_indices_rejected():
+    x = sp.csr_matrix((np.array([1.0, 2.0]), np.array([1, 0]), np.array([0, 2])), shape=(1, 2))
+    x.has_sorted_indices = False
+    with pytest.raises(ValueError, match="sorted indices"):
+        bin_csr_rows(x, 5, "deterministic")
+
+
+@pytest.mark.parametrize("n_bins", [2, 0, -3])
+def test_n_bins_below_three_is_an_input_error(n_bins):
+    with pytest.raises(InputError, match=r"n_bins=.*>= 3"):
+        binning.check_n_bins(n_bins)
+
+
+def test_values_dtype_is_smallest():
+    assert binning.values_dtype(3) == np.uint8
+    assert binning.values_dtype(256) == np.uint8
+    assert binning.values_dtype(257) == np.uint16
+    assert binning.gene_index_dtype(100) == np.int8
+    assert binning.gene_index_dtype(2000) == np.int16
+
+
+def _write_hvg(path, x: sp.csr_matrix, labels=True) -> None:
+    obs = pd.DataFrame(index=pd.Index([f"c{i}" for i in range(x.shape[0])], name="cell_id"))
+    if labels:
+        obs["label"] = pd.Categorical(np.where(np.arange(x.shape[0]) % 2, "a", "b"))
+    var = pd.DataFrame(index=pd.Index([f"g{j}" for j in range(x.shape[1])], name="gene_id"))
+    adata = ad.AnnData(X=x, obs=obs, var=var)
+    adata.uns["hvg"] = {"source": "somewhere.h5ad"}
+    adata.write_h5ad(path)
+
+
+@pytest.mark.parametrize("include_zero_genes", [True, False])
+def test_bin_h5ad_writes_the_contract(tmp_path, expression, include_zero_genes, monkeypatch):
+    hvg = tmp_path / "hvg.h5ad"
+    _write_hvg(hvg, expression)
+    # tiny chunks: the output must not depend on chunking
+    monkeypatch.setattr(binning, "_NONZEROS_PER_CHUNK", 1000)
+    out = tmp_path / "bins11"
+    meta = bin_h5ad(hvg, out, 11, include_zero_genes=include_zero_genes, seed=4)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["values.npy", "gene_index.npy", "edges.npy", "cells.tsv", "genes.tsv", "meta.json"]
+    )
+    data = BinnedData.open(out)
+    n, g = expression.shape
+    per_cell = np.diff(expression.indptr)
+    assert len(data) == n and data.meta == json.loads((out / "meta.json").read_text()) == meta
+    assert data.values.dtype == np.uint8 and data.edges.dtype == np.float32
+    assert list(data.cells.columns) == ["cell_id", "label"] and data.cells.cell_id[0] == "c0"
+    assert list(data.genes.gene_id) == [f"g{j}" for j in range(g)]
+    assert meta["source"] == {"hvg": str(hvg), "dataset": "somewhere.h5ad"}
+    ref_bins, ref_edges = reference_binning(expression, 11, 4)
+    assert np.array_equal(data.edges, ref_edges.astype(np.float32))
+    genes, values = data.tokens(np.arange(n))
+    if include_zero_genes:
+        assert data.values.shape == (n, g) and data.gene_index.shape == (1, g)
+        assert np.array_equal(data.values, ref_bins)
+    else:
+        assert data.values.shape == (n, per_cell.max()) == data.gene_index.shape
+        assert meta["max_len"] == per_cell.max()
+        assert np.array_equal((genes >= 0).sum(axis=1), per_cell)
+        rebuilt = np.zeros((n, g), dtype=np.int64)
+        rows, slots = np.nonzero(genes >= 0)
+        rebuilt[rows, genes[rows, slots]] = values[rows, slots]
+        assert np.array_equal(rebuilt, ref_bins)
+        assert not values[genes < 0].any()
+
+
+def test_bin_h5ad_bad_input_leaves_nothing(tmp_path, expression):
+    hvg = tmp_path / "hvg.h5ad"
+    _write_hvg(hvg, expression)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="n_bins=2"):
+        bin_h5ad(hvg, out, 2)
+    with pytest.raises(InputError, match="file not found"):
+        bin_h5ad(tmp_path / "missing.h5ad", out, 11)
+    negative = expression.copy()
+    negative.data[-1] = -1.0
+    _write_hvg(hvg, negative)
+    with pytest.raises(InputError, match="negative"):
+        bin_h5ad(hvg, out, 11)
+    assert not out.exists() or not any(out.iterdir())

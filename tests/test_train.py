@@ -1,0 +1,195 @@
+"""Training stage: 2-process DDP (gloo, CPU) on the bundled PBMC data, resume, faults, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from evoformer.errors import InputError
+
+pytestmark = pytest.mark.slow
+
+MODEL = {
+    "preset": "bioformer",
+    "c_m": 16,
+    "c_z": 8,
+    "c_opm": 4,
+    "n_heads_msa": 2,
+    "c_hidden_msa": 8,
+    "n_blocks": 1,
+    "dropout_msa": 0.1,
+    "dropout_pair": 0.1,
+}
+TRAIN = {
+    "micro_batch_size": 4,
+    "global_batch_size": 16,
+    "epochs": 3,
+    "lr": 3e-3,
+    "warmup_steps": 2,
+    "log_every": 1,
+    "ckpt_every": 2,
+    "seed": 0,
+    "cpu_processes": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def pbmc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The bundled PBMC data through HVG selection, binning and splitting (package API)."""
+    from evoformer.data import binning, datasets, hvg, split
+
+    d = tmp_path_factory.mktemp("pbmc")
+    h5ad = d / "pbmc68k.h5ad"
+    datasets.materialise_pbmc68k(h5ad)
+    ds = {"kind": "pbmc68k", "expression": "raw", "value_type": "log1p", "label_key": "bulk_labels"}
+    hvg.select_hvgs(h5ad, ds, {"flavor": "seurat", "n_top_genes": 32}, d / "hvg")
+    binning.bin_dataset(d / "hvg" / "hvg.h5ad", {"n_bins": 11, "seed": 0}, d / "binned")
+    split.split_cells(h5ad, ds, {"fractions": {"train": 0.8, "val": 0.1, "test": 0.1}, "n_folds": 2, "seed": 0}, d / "split.tsv")
+    return {"binned": d / "binned", "split": d / "split.tsv"}
+
+
+def launch(pbmc: dict[str, Path], out: Path, ckpt: Path, train: dict | None = None, **kw) -> subprocess.Popen:
+    """Start ``python -m evoformer.launch`` (torchrun, 2 CPU processes) in the background."""
+    spec = {"model": MODEL, "train": {**TRAIN, **(train or {})}, "fold": -1, "final": False}
+    cmd = [
+        sys.executable, "-m", "evoformer.launch", "--cpu-processes", "2", "--",
+        "--binned", str(pbmc["binned"]), "--split", str(pbmc["split"]),
+        "--spec", json.dumps(spec), "--out", str(out), "--ckpt-dir", str(ckpt),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    log = open(out.parent / f"{out.name}.log", "ab")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, **kw)
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    """Send ``sig`` to a process and all its descendants (as Slurm signals a whole job step)."""
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def run(pbmc, out: Path, ckpt: Path, train: dict | None = None, timeout: float = 240) -> int:
+    p = launch(pbmc, out, ckpt, train)
+    return p.wait(timeout=timeout)
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "model.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def logtext(out: Path) -> str:
+    return (out.parent / f"{out.name}.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def reference(pbmc, tmp_path_factory) -> Path:
+    """One uninterrupted 2-process run: the reference for loss, determinism and resume."""
+    d = tmp_path_factory.mktemp("ref")
+    rc = run(pbmc, d / "out", d / "ckpt")
+    assert rc == 0, logtext(d / "out")
+    return d / "out"
+
+
+def test_two_process_training_learns_and_reports(reference: Path) -> None:
+    import pandas as pd
+
+    m = pd.read_csv(reference / "metrics.tsv", sep="\t")
+    tr = m[m["kind"] == "train"]
+    first, last = tr["loss"].iloc[:3].mean(), tr["loss"].iloc[-3:].mean()
+    assert last < first * 0.9, f"loss did not decrease: {first:.3f} -> {last:.3f}"
+    assert (m["kind"] == "val").sum() == 3  # one validation per epoch
+    summary = json.loads((reference / "performance_summary.json").read_text())
+    assert summary["system"]["world_size"] == 2
+    assert summary["peak_memory_source"] == "rss" and summary["peak_memory_bytes"] > 0
+    assert summary["total_samples"] == summary["total_steps"] * TRAIN["global_batch_size"]
+    for k in ("average_forward_time_ms", "average_backward_time_ms", "average_optimizer_time_ms"):
+        assert summary[k] > 0
+    log = logtext(reference)
+    assert "CPU fallback with gloo, 2 processes" in log
+    assert "Step 1/" in log and "| Loss:" in log and "samples/sec" in log
+    assert "\r" not in log  # no progress-bar carriage returns in a non-terminal log
+    assert (reference / "learning_curve.png").stat().st_size > 0
+    assert not (reference.parent / "ckpt" / "last.pt").exists()  # removed after success
+
+
+def test_rerun_is_bit_identical(pbmc, reference: Path, tmp_path: Path) -> None:
+    assert run(pbmc, tmp_path / "out", tmp_path / "ckpt") == 0
+    a, b = weights(reference), weights(tmp_path / "out")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill9_then_resume_equals_uninterrupted(pbmc, reference: Path, tmp_path: Path) -> None:
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    p = launch(pbmc, out, ckpt)
+    deadline = time.time() + 180
+    while not (ckpt / "last.pt").exists():  # wait for the step-2 (or later) checkpoint
+        assert p.poll() is None, logtext(out)
+        assert time.time() < deadline
+        time.sleep(0.2)
+    signal_tree(p.pid, signal.SIGKILL)  # the launcher and both workers, no chance to clean up
+    p.wait()
+    assert not (out / "model.pt").exists()
+    assert run(pbmc, out, ckpt) == 0, logtext(out)
+    assert "resumed from" in logtext(out)
+    a, b = weights(reference), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rank_failure_stops_the_job(pbmc, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    p = launch(pbmc, out, tmp_path / "ckpt", train={"epochs": 50})
+    deadline = time.time() + 120
+    while "Step 2/" not in (logtext(out) if (tmp_path / "out.log").exists() else ""):
+        assert p.poll() is None and time.time() < deadline, logtext(out)
+        time.sleep(0.2)
+    workers = [c for c in psutil.Process(p.pid).children(recursive=True) if "evoformer.train" in " ".join(c.cmdline())]
+    assert len(workers) == 2
+    workers[1].kill()
+    t0 = time.time()
+    rc = p.wait(timeout=90)  # bounded: torchrun tears down the surviving rank
+    assert rc != 0
+    assert time.time() - t0 < 90
+    assert not (out / "model.pt").exists()
+
+
+def test_sigusr1_checkpoints_and_continues(pbmc, tmp_path: Path) -> None:
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    p = launch(pbmc, out, ckpt, train={"ckpt_every": 1000})
+    deadline = time.time() + 120
+    while "Step 2/" not in (logtext(out) if (tmp_path / "out.log").exists() else ""):
+        assert p.poll() is None and time.time() < deadline, logtext(out)
+        time.sleep(0.2)
+    signal_tree(p.pid, signal.SIGUSR1)  # as Slurm does: every process of the step
+    assert p.wait(timeout=240) == 0, logtext(out)
+    assert "checkpoint written at step" in logtext(out) and "(signal)" in logtext(out)
+    assert (out / "model.pt").exists()
+
+
+def test_corrupt_and_foreign_checkpoints_are_refused(pbmc, tmp_path: Path) -> None:
+    from evoformer.train import load_checkpoint
+
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="is corrupt"):
+        load_checkpoint(bad, "abc")
+    torch.save({"config_hash": "other"}, bad)
+    with pytest.raises(InputError, match="another configuration"):
+        load_checkpoint(bad, "abc")
+    # end to end: the run fails with the message instead of silently loading
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save({"config_hash": "other"}, ckpt / "last.pt")
+    assert run(pbmc, tmp_path / "out", ckpt) != 0
+    assert "written for another configuration" in logtext(tmp_path / "out")

@@ -1,0 +1,75 @@
+"""Snakemake ``script:`` of the ``evaluate`` rule: evaluate one trained model on the test cells.
+
+Expects (the rule's names)::
+
+    input:  model="<exp>/train/model.pt",
+            binned="results/{dataset}/hvg{n_hvg}/bins{n_bins}"   (the folder, or any file in it),
+            split="results/{dataset}/split.tsv",
+            hvg="results/{dataset}/hvg{n_hvg}/hvg.h5ad",
+            prior=<prior TSV>                                     (optional)
+    output: metrics="<exp>/eval/eval_metrics.json",
+            embeddings="<exp>/eval/embeddings.h5ad",
+            umap="<exp>/eval/umap.png"
+    params: fold=<k >= 0 | -1 | "holdout" | "final">,
+            eval={mask_ratio, seed, batch_size, knn_k, n_pcs, max_probe_train_cells, umap,
+                  device}                                         (optional, evoformer.evaluate.EvalParams)
+    log:    "logs/.../evaluate.log"
+
+Errors from bad input end up as one line in the log (and the job fails).
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repository root
+
+from evoformer.errors import InputError  # noqa: E402
+
+
+def main() -> None:
+    from evoformer.evaluate import evaluate
+
+    inp, out, params = snakemake.input, snakemake.output, snakemake.params
+    binned = Path(inp.binned)
+    if binned.is_file():
+        binned = binned.parent
+    eval_params = dict(getattr(params, "eval", None) or {})
+    fold = getattr(params, "fold", -1)
+    if fold == "final":
+        eval_params.update(fold=-1, final=True)
+    else:
+        eval_params["fold"] = -1 if fold in (None, "holdout") else int(fold)
+    prior = inp.prior if "prior" in inp.keys() and inp.prior else None
+    evaluate(
+        inp.model,
+        binned,
+        inp.split,
+        inp.hvg,
+        Path(out.metrics).parent,
+        eval_params,
+        prior=prior,
+        outputs={"metrics": out.metrics, "embeddings": out.embeddings, "umap": out.umap},
+    )
+
+
+log_path = snakemake.log[0] if snakemake.log else None
+if log_path:
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+logging.basicConfig(
+    level=logging.INFO,
+    format="%(levelname)s %(name)s: %(message)s",
+    filename=log_path,
+    filemode="w",
+    force=True,
+)
+try:
+    main()
+except InputError as e:
+    logging.getLogger("evaluate").error("%s", e)
+    sys.exit(1)
+except Exception as e:
+    logging.getLogger("evaluate").error(
+        "%s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else ""
+    )
+    raise

@@ -1,0 +1,87 @@
+"""Snakemake ``script:`` of the ``tables`` rule: metrics, CV summary, performance and plots.
+
+Expects (the rule's names)::
+
+    input:  every file the records name (eval_metrics.json, performance_summary.json, train
+            metrics.tsv of every experiment/fold): only for the DAG, the script reads the
+            paths from params.records
+    output: metrics="results/tables/metrics.tsv",
+            cv_summary="results/tables/cv_summary.tsv",
+            performance="results/tables/performance.tsv",
+            metric_plot="results/tables/metric_vs_key.png",
+            learning_curves="results/tables/learning_curves.png"
+    params: records=[{id, <sweep key>: value, ..., fold, eval_metrics, performance_summary,
+                      train_metrics, config_hash | spec}, ...],
+            sweep_keys=["n_hvg", "n_bins", ...],
+            selection_metric="val_loss",               (optional)
+            higher_is_better=None,                     (optional; None: inferred from the name)
+            git_commit="<git rev-parse HEAD or 'unknown'>",
+            provenance={...}                           (optional fallbacks: torch, scanpy, device)
+    log:    "logs/tables.log"
+
+Errors from bad input end up as one line in the log (and the job fails).
+"""
+
+import logging
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repository root
+
+from evoformer.errors import InputError  # noqa: E402
+
+
+def _version(pkg: str) -> str:
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def main() -> None:
+    import evoformer
+    from evoformer.tables import build_tables
+
+    out, params = snakemake.output, snakemake.params
+    provenance = {
+        "evoformer_version": evoformer.__version__,
+        "torch": _version("torch"),
+        "scanpy": _version("scanpy"),
+        **dict(getattr(params, "provenance", None) or {}),
+    }
+    provenance["git_commit"] = getattr(params, "git_commit", None) or provenance.get(
+        "git_commit", "unknown"
+    )
+    outputs = {k: getattr(out, k) for k in out.keys()}
+    build_tables(
+        list(params.records),
+        list(params.sweep_keys),
+        Path(out.metrics).parent,
+        provenance,
+        selection_metric=getattr(params, "selection_metric", None) or "val_loss",
+        higher_is_better=getattr(params, "higher_is_better", None),
+        outputs=outputs,
+    )
+
+
+log_path = snakemake.log[0] if snakemake.log else None
+if log_path:
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+logging.basicConfig(
+    level=logging.INFO,
+    format="%(levelname)s %(name)s: %(message)s",
+    filename=log_path,
+    filemode="w",
+    force=True,
+)
+try:
+    main()
+except InputError as e:
+    logging.getLogger("tables").error("%s", e)
+    sys.exit(1)
+except Exception as e:
+    logging.getLogger("tables").error(
+        "%s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else ""
+    )
+    raise
