@@ -50,24 +50,51 @@ def pbmc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("pbmc")
     h5ad = d / "pbmc68k.h5ad"
     datasets.materialise_pbmc68k(h5ad)
-    ds = {"kind": "pbmc68k", "expression": "raw", "value_type": "log1p", "label_key": "bulk_labels"}
-    hvg.select_hvgs(h5ad, ds, {"flavor": "seurat", "n_top_genes": 32}, d / "hvg")
-    binning.bin_dataset(d / "hvg" / "hvg.h5ad", {"n_bins": 11, "seed": 0}, d / "binned")
-    split.split_cells(h5ad, ds, {"fractions": {"train": 0.8, "val": 0.1, "test": 0.1}, "n_folds": 2, "seed": 0}, d / "split.tsv")
+    ds = {"expression": "raw", "value_type": "log1p", "label_key": "bulk_labels"}
+    hvg.run_hvg(
+        h5ad,
+        "pbmc68k",
+        ds,
+        32,
+        {"flavor": "seurat"},
+        d / "hvg.h5ad",
+        d / "genes.tsv",
+        d / "hvg.png",
+    )
+    binning.bin_h5ad(d / "hvg.h5ad", d / "binned", n_bins=11, seed=0)
+    sp = {"fractions": {"train": 0.8, "val": 0.1, "test": 0.1}, "n_folds": 2, "seed": 0}
+    split.run_split(h5ad, "pbmc68k", "bulk_labels", sp, d / "split.tsv")
     return {"binned": d / "binned", "split": d / "split.tsv"}
 
 
-def launch(pbmc: dict[str, Path], out: Path, ckpt: Path, train: dict | None = None, **kw) -> subprocess.Popen:
+def launch(
+    pbmc: dict[str, Path], out: Path, ckpt: Path, train: dict | None = None, **kw
+) -> subprocess.Popen:
     """Start ``python -m evoformer.launch`` (torchrun, 2 CPU processes) in the background."""
     spec = {"model": MODEL, "train": {**TRAIN, **(train or {})}, "fold": -1, "final": False}
     cmd = [
-        sys.executable, "-m", "evoformer.launch", "--cpu-processes", "2", "--",
-        "--binned", str(pbmc["binned"]), "--split", str(pbmc["split"]),
-        "--spec", json.dumps(spec), "--out", str(out), "--ckpt-dir", str(ckpt),
+        sys.executable,
+        "-m",
+        "evoformer.launch",
+        "--cpu-processes",
+        "2",
+        "--",
+        "--binned",
+        str(pbmc["binned"]),
+        "--split",
+        str(pbmc["split"]),
+        "--spec",
+        json.dumps(spec),
+        "--out",
+        str(out),
+        "--ckpt-dir",
+        str(ckpt),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     log = open(out.parent / f"{out.name}.log", "ab")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, **kw)
+    return subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, **kw
+    )
 
 
 def signal_tree(pid: int, sig: int) -> None:
@@ -154,7 +181,11 @@ def test_rank_failure_stops_the_job(pbmc, tmp_path: Path) -> None:
     while "Step 2/" not in (logtext(out) if (tmp_path / "out.log").exists() else ""):
         assert p.poll() is None and time.time() < deadline, logtext(out)
         time.sleep(0.2)
-    workers = [c for c in psutil.Process(p.pid).children(recursive=True) if "evoformer.train" in " ".join(c.cmdline())]
+    workers = [
+        c
+        for c in psutil.Process(p.pid).children(recursive=True)
+        if "evoformer.train" in " ".join(c.cmdline())
+    ]
     assert len(workers) == 2
     workers[1].kill()
     t0 = time.time()
