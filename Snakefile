@@ -3,7 +3,12 @@
 #
 #   snakemake --cores all                      # the base experiment of config.yaml
 #   snakemake --cores all --configfile my.yaml # another configuration
-from snakemake.utils import validate
+import sys
+
+from snakemake.utils import Paramspace, validate
+
+sys.path.insert(0, workflow.basedir)  # the evoformer package, also under --sdm conda
+from evoformer import experiments
 
 
 configfile: "config.yaml"
@@ -21,10 +26,21 @@ check_config()
 include: "rules/preprocess.smk"
 
 
-# Later stages: include: "rules/train.smk", include: "rules/evaluate.smk"
+setup_experiments()
+
+
+wildcard_constraints:
+    fold=r"\d+|holdout|final",
+    n_hvg=r"\d+",
+    n_bins=r"\d+",
+
+
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:
     default_target: True
     input:
         preprocess_targets(),
+        rules.tables.output,

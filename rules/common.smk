@@ -4,6 +4,10 @@
 # validates the config (filling defaults) before the rules use these.
 import contextlib
 import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jsonschema
 
@@ -124,3 +128,84 @@ def check_config():
         )
     if fractions["train"] <= 0:
         raise WorkflowError("invalid config: split.fractions.train: must be > 0")
+
+
+# ------------------------------------------------------------------ experiments (training on)
+# The grid of the base experiment (evoformer.experiments): columns n_hvg, n_bins and the
+# sweep keys; Paramspace turns each row into a readable path n_hvg~64/n_bins~11/ln_order~pre.
+def setup_experiments():
+    global DATASET, PARAMSPACE, EXP_DIR, EXP_LOG, FOLDS, GIT_COMMIT
+    DATASET = config["experiment"]["dataset"]
+    PARAMSPACE = Paramspace(experiments.grid(config), filename_params="*")
+    EXP_DIR = f"results/{DATASET}/exp/{PARAMSPACE.wildcard_pattern}"
+    EXP_LOG = f"{DATASET}_{PARAMSPACE.wildcard_pattern}"  # filename_params="*": no slashes
+    FOLDS = experiments.folds(config)
+    try:
+        GIT_COMMIT = subprocess.run(
+            ["git", "-C", workflow.basedir, "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        GIT_COMMIT = "unknown"
+
+
+def point_of(wildcards):
+    """The typed grid point (key -> value) of a job's wildcards."""
+    return {k: experiments._plain(v) for k, v in PARAMSPACE.instance(wildcards).items()}
+
+
+def fold_value(fold):
+    return int(fold) if str(fold).isdigit() else str(fold)
+
+
+def train_spec(wildcards):
+    """Plain-typed training spec of one grid point and fold (the train rule's only config)."""
+    return experiments.spec(config, point_of(wildcards), fold_value(wildcards.fold))
+
+
+def run_dir(point, fold):
+    return f"results/{DATASET}/exp/{PARAMSPACE.wildcard_pattern.format(**point)}/fold~{fold}"
+
+
+def record(point, fold, evaluated):
+    """One run of the result tables: grid point, fold, and the files of its outputs."""
+    d = run_dir(point, fold)
+    rec = {
+        "id": PARAMSPACE.wildcard_pattern.format(**point),
+        **point,
+        "fold": fold,
+        "performance_summary": f"{d}/train/performance_summary.json",
+        "train_metrics": f"{d}/train/metrics.tsv",
+        "spec": experiments.spec(config, point, fold),
+    }
+    if evaluated:
+        rec["eval_metrics"] = f"{d}/eval/eval_metrics.json"
+    return rec
+
+
+def grid_points():
+    return [
+        {k: experiments._plain(v) for k, v in row.items()}
+        for row in PARAMSPACE.dataframe.to_dict("records")
+    ]
+
+
+def cv_runs():
+    """Records of every (grid point, fold) training run; not evaluated on test under CV."""
+    return [record(p, f, evaluated=FOLDS == ["holdout"]) for p in grid_points() for f in FOLDS]
+
+
+def table_records():
+    """cv_runs plus, under CV, the final retrain of the selected grid point (evaluated on test)."""
+    records = cv_runs()
+    if FOLDS != ["holdout"]:
+        with open(checkpoints.cv_select.get().output[0]) as f:
+            selected = json.load(f)["selected"]
+        records.append(record(selected, "final", evaluated=True))
+    return records
+
+
+def record_files(rec):
+    return [rec[k] for k in ("performance_summary", "train_metrics", "eval_metrics") if k in rec]

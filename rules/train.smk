@@ -1,0 +1,35 @@
+# Training: one job per grid point (Paramspace over n_hvg, n_bins and the sweep keys) and
+# fold (CV folds 0..k-1, or "holdout"), plus the retrain of the CV-selected grid point on
+# train+val ("final"). Each job gets its plain-typed spec as a JSON param; checkpoints live in
+# checkpoints/ (not a declared output, so Snakemake's cleanup of a failed job keeps them).
+
+
+rule train:
+    input:
+        binned=lambda wc: binned_files(DATASET, wc.n_hvg, wc.n_bins),
+        split=lambda wc: split_file(DATASET),
+    output:
+        model=f"{EXP_DIR}/fold~{{fold}}/train/model.pt",
+        metrics=f"{EXP_DIR}/fold~{{fold}}/train/metrics.tsv",
+        summary=f"{EXP_DIR}/fold~{{fold}}/train/performance_summary.json",
+        run_info=f"{EXP_DIR}/fold~{{fold}}/train/run_info.json",
+        curve=f"{EXP_DIR}/fold~{{fold}}/train/learning_curve.png",
+    params:
+        spec=lambda wc: json.dumps(train_spec(wc)),
+        binned=lambda wc: binned_dir(DATASET, wc.n_hvg, wc.n_bins),
+        ckpt=lambda wc: f"checkpoints/{DATASET}/{PARAMSPACE.wildcard_pattern.format(**wc)}/{wc.fold}",
+        cpu_processes=lambda wc: train_spec(wc)["train"].get("cpu_processes", 2),
+        out=lambda wc, output: str(Path(output.model).parent),
+    log:
+        f"logs/train/{EXP_LOG}_{{fold}}.log",
+    benchmark:
+        f"results/benchmarks/train/{EXP_LOG}_{{fold}}.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: 2
+    shell:
+        "PYTHONPATH={workflow.basedir:q}${{PYTHONPATH:+:$PYTHONPATH}} "
+        "bash {workflow.basedir:q}/slurm/per_node.sh "
+        "python -m evoformer.launch --cpu-processes {params.cpu_processes} -- "
+        "--binned {params.binned:q} --split {input.split:q} --spec {params.spec:q} "
+        "--out {params.out:q} --ckpt-dir {params.ckpt:q} > {log:q} 2>&1"
