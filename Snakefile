@@ -44,3 +44,9 @@ rule all:
     input:
         preprocess_targets(),
         rules.tables.output,
+
+
+# Only the preprocessing stages of the base experiment: snakemake preprocess
+rule preprocess:
+    input:
+        preprocess_targets(),

@@ -21,7 +21,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     path.parent.mkdir(parents=True, exist_ok=True)
     # The temporary name keeps the real suffix (np.save, anndata and matplotlib key off it).
     fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.tmp-", suffix=suffix if suffix is not None else path.suffix
+        dir=path.parent,
+        prefix=f".{path.name}.tmp-",
+        suffix=suffix if suffix is not None else path.suffix,
     )
     os.close(fd)
     tmp_path = Path(tmp)

@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="start evoformer.train under torchrun")
     p.add_argument("--cpu-processes", type=int, default=2)
     a = p.parse_args(argv[:split])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s launch %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s launch %(message)s", stream=sys.stderr
+    )
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     cmd = torchrun_args(a.cpu_processes, dict(os.environ))
     from torch.distributed.run import main as torchrun_main

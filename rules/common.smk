@@ -138,7 +138,9 @@ def setup_experiments():
     DATASET = config["experiment"]["dataset"]
     PARAMSPACE = Paramspace(experiments.grid(config), filename_params="*")
     EXP_DIR = f"results/{DATASET}/exp/{PARAMSPACE.wildcard_pattern}"
-    EXP_LOG = f"{DATASET}_{PARAMSPACE.wildcard_pattern}"  # filename_params="*": no slashes
+    EXP_LOG = (
+        f"{DATASET}_{PARAMSPACE.wildcard_pattern}"  # filename_params="*": no slashes
+    )
     FOLDS = experiments.folds(config)
     try:
         GIT_COMMIT = subprocess.run(
@@ -194,7 +196,11 @@ def grid_points():
 
 def cv_runs():
     """Records of every (grid point, fold) training run; not evaluated on test under CV."""
-    return [record(p, f, evaluated=FOLDS == ["holdout"]) for p in grid_points() for f in FOLDS]
+    return [
+        record(p, f, evaluated=FOLDS == ["holdout"])
+        for p in grid_points()
+        for f in FOLDS
+    ]
 
 
 def table_records():
@@ -208,4 +214,8 @@ def table_records():
 
 
 def record_files(rec):
-    return [rec[k] for k in ("performance_summary", "train_metrics", "eval_metrics") if k in rec]
+    return [
+        rec[k]
+        for k in ("performance_summary", "train_metrics", "eval_metrics")
+        if k in rec
+    ]

@@ -16,15 +16,15 @@ rule evaluate:
             caption="../report/umap.rst",
             category="Embeddings",
         ),
-    params:
-        fold=lambda wc: wc.fold,
-        eval=lambda wc: copy.deepcopy(config.get("evaluation") or {}),
     log:
         f"logs/evaluate/{EXP_LOG}_{{fold}}.log",
     benchmark:
         f"results/benchmarks/evaluate/{EXP_LOG}_{{fold}}.tsv"
     conda:
         "../envs/workflow.yaml"
+    params:
+        fold=lambda wc: wc.fold,
+        eval=lambda wc: copy.deepcopy(config.get("evaluation") or {}),
     script:
         "../workflow_scripts/evaluate.py"
 
@@ -34,15 +34,15 @@ checkpoint cv_select:
         lambda wc: [p for r in cv_runs() for p in record_files(r)],
     output:
         f"results/{DATASET}/cv_selection.json",
-    params:
-        records=lambda wc: cv_runs(),
-        sweep_keys=list(PARAMSPACE.dataframe.columns),
     log:
         "logs/cv_select.log",
     benchmark:
         "results/benchmarks/cv_select.tsv"
     conda:
         "../envs/workflow.yaml"
+    params:
+        records=lambda wc: cv_runs(),
+        sweep_keys=list(PARAMSPACE.dataframe.columns),
     script:
         "../workflow_scripts/cv_select.py"
 
@@ -51,30 +51,40 @@ rule tables:
     input:
         lambda wc: [p for r in table_records() for p in record_files(r)],
     output:
-        metrics=report("results/tables/metrics.tsv", caption="../report/metrics.rst", category="Tables"),
+        metrics=report(
+            "results/tables/metrics.tsv",
+            caption="../report/metrics.rst",
+            category="Tables",
+        ),
         cv_summary=report(
-            "results/tables/cv_summary.tsv", caption="../report/cv_summary.rst", category="Tables"
+            "results/tables/cv_summary.tsv",
+            caption="../report/cv_summary.rst",
+            category="Tables",
         ),
         performance=report(
-            "results/tables/performance.tsv", caption="../report/performance.rst", category="Tables"
+            "results/tables/performance.tsv",
+            caption="../report/performance.rst",
+            category="Tables",
         ),
         metric_plot=report(
-            "results/tables/metric_vs_key.png", caption="../report/metric_vs_key.rst", category="Plots"
+            "results/tables/metric_vs_key.png",
+            caption="../report/metric_vs_key.rst",
+            category="Plots",
         ),
         learning_curves=report(
             "results/tables/learning_curves.png",
             caption="../report/learning_curves.rst",
             category="Plots",
         ),
-    params:
-        records=lambda wc: table_records(),
-        sweep_keys=list(PARAMSPACE.dataframe.columns),
-        git_commit=GIT_COMMIT,
     log:
         "logs/tables.log",
     benchmark:
         "results/benchmarks/tables.tsv"
     conda:
         "../envs/workflow.yaml"
+    params:
+        records=lambda wc: table_records(),
+        sweep_keys=list(PARAMSPACE.dataframe.columns),
+        git_commit=GIT_COMMIT,
     script:
         "../workflow_scripts/tables.py"

@@ -14,12 +14,6 @@ rule train:
         summary=f"{EXP_DIR}/fold~{{fold}}/train/performance_summary.json",
         run_info=f"{EXP_DIR}/fold~{{fold}}/train/run_info.json",
         curve=f"{EXP_DIR}/fold~{{fold}}/train/learning_curve.png",
-    params:
-        spec=lambda wc: json.dumps(train_spec(wc)),
-        binned=lambda wc: binned_dir(DATASET, wc.n_hvg, wc.n_bins),
-        ckpt=lambda wc: f"checkpoints/{DATASET}/{PARAMSPACE.wildcard_pattern.format(**wc)}/{wc.fold}",
-        cpu_processes=lambda wc: train_spec(wc)["train"].get("cpu_processes", 2),
-        out=lambda wc, output: str(Path(output.model).parent),
     log:
         f"logs/train/{EXP_LOG}_{{fold}}.log",
     benchmark:
@@ -27,9 +21,16 @@ rule train:
     conda:
         "../envs/train.yaml"
     threads: 2
+    params:
+        spec=lambda wc: json.dumps(train_spec(wc)),
+        binned=lambda wc: binned_dir(DATASET, wc.n_hvg, wc.n_bins),
+        ckpt=lambda wc: f"checkpoints/{DATASET}/{PARAMSPACE.wildcard_pattern.format(**wc)}/{wc.fold}",
+        repo=workflow.basedir,
+        cpu_processes=lambda wc: train_spec(wc)["train"].get("cpu_processes", 2),
+        out=lambda wc, output: str(Path(output.model).parent),
     shell:
-        "PYTHONPATH={workflow.basedir:q}${{PYTHONPATH:+:$PYTHONPATH}} "
-        "bash {workflow.basedir:q}/slurm/per_node.sh "
+        "PYTHONPATH={params.repo:q}${{PYTHONPATH:+:$PYTHONPATH}} "
+        "bash {params.repo:q}/slurm/per_node.sh "
         "python -m evoformer.launch --cpu-processes {params.cpu_processes} -- "
         "--binned {params.binned:q} --split {input.split:q} --spec {params.spec:q} "
         "--out {params.out:q} --ckpt-dir {params.ckpt:q} > {log:q} 2>&1"

@@ -24,7 +24,16 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_ITEMS = ("Snakefile", "rules", "schemas", "workflow_scripts", "envs", "config.yaml")
+WORKFLOW_ITEMS = (
+    "Snakefile",
+    "rules",
+    "schemas",
+    "workflow_scripts",
+    "envs",
+    "config.yaml",
+    "report",
+    "slurm",
+)
 CI_CONFIG = REPO / "tests" / "config" / "ci.yaml"
 
 
@@ -79,7 +88,7 @@ class Workflow:
 
     def planned_jobs(self, *args: str, configfile: Path | None = CI_CONFIG) -> dict[str, int]:
         """Rule -> job count that a dry run plans ({} when nothing is to be done)."""
-        out = self.run("--dry-run", "--quiet", "rules", *args, configfile=configfile).stdout
+        out = self.run(*args, "--dry-run", "--quiet", "rules", configfile=configfile).stdout
         jobs: dict[str, int] = {}
         lines = out.splitlines()
         if "Job stats:" not in lines:
@@ -118,5 +127,5 @@ def make_workflow(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], W
 def preprocessed_workflow(tmp_path_factory: pytest.TempPathFactory) -> Workflow:
     """A workflow copy on which the CI configuration's preprocessing has run."""
     wf = copy_workflow(tmp_path_factory.mktemp("preprocessed"))
-    wf.run()
+    wf.run("preprocess")
     return wf

@@ -44,28 +44,28 @@ def test_full_run_outputs(preprocessed_workflow):
 
 
 def test_nothing_reruns_after_a_full_run(preprocessed_workflow):
-    assert preprocessed_workflow.planned_jobs() == {}
+    assert preprocessed_workflow.planned_jobs("preprocess") == {}
 
 
 @pytest.mark.parametrize(
     ("updates", "expected"),
     [
         # a new n_bins: binning only; HVG selection and the split are reused
-        ({"experiment": {"n_bins": 21}}, {"bin": 1, "all": 1}),
+        ({"experiment": {"n_bins": 21}}, {"bin": 1, "preprocess": 1}),
         # a new n_hvg: HVG selection and what follows; not the split
-        ({"experiment": {"n_hvg": 48}}, {"hvg": 1, "bin": 1, "all": 1}),
+        ({"experiment": {"n_hvg": 48}}, {"hvg": 1, "bin": 1, "preprocess": 1}),
         # binning settings: binning only
-        ({"binning": {"tie_mode": "deterministic"}}, {"bin": 1, "all": 1}),
+        ({"binning": {"tie_mode": "deterministic"}}, {"bin": 1, "preprocess": 1}),
         # HVG settings: HVG selection and binning, not the split
-        ({"hvg": {"flavor": "cell_ranger"}}, {"hvg": 1, "bin": 1, "all": 1}),
+        ({"hvg": {"flavor": "cell_ranger"}}, {"hvg": 1, "bin": 1, "preprocess": 1}),
         # split settings: the split only
-        ({"split": {"seed": 1}}, {"split": 1, "all": 1}),
+        ({"split": {"seed": 1}}, {"split": 1, "preprocess": 1}),
     ],
     ids=["n_bins", "n_hvg", "binning", "hvg", "split"],
 )
 def test_reruns_only_what_a_change_affects(preprocessed_workflow, updates, expected):
     config = preprocessed_workflow.config("changed", **updates)
-    assert preprocessed_workflow.planned_jobs(configfile=config) == expected
+    assert preprocessed_workflow.planned_jobs("preprocess", configfile=config) == expected
 
 
 def _error_lines(output: str) -> list[str]:
@@ -157,7 +157,7 @@ def test_synthetic_dataset_without_cv_and_non_zero_tokens(make_workflow):
         binning={"include_zero_genes": False, "tie_mode": "deterministic"},
         split={"n_folds": 0},
     )
-    wf.run(configfile=config)
+    wf.run("preprocess", configfile=config)
     root = wf.root
     data = BinnedData.open(root / "results/tiny_synthetic/hvg50/bins5")
     meta = json.loads((root / "results/tiny_synthetic/hvg50/bins5/meta.json").read_text())
