@@ -41,6 +41,14 @@ def torchrun_args(cpu_processes: int, env: dict[str, str]) -> list[str]:
     if torch.cuda.is_available():
         nproc = torch.cuda.device_count()
         how = f"{nproc} CUDA device(s) visible (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')})"
+    elif env.get("CUDA_VISIBLE_DEVICES", "").strip():
+        # GPUs allocated (e.g. by Slurm) but CUDA unusable (CPU-only torch, fake GPUs): one
+        # CPU process per allocated device, so the world size follows the allocation
+        nproc = len(env["CUDA_VISIBLE_DEVICES"].split(","))
+        how = (
+            f"no usable CUDA device (CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}): "
+            f"CPU fallback with gloo, {nproc} processes (one per allocated device)"
+        )
     else:
         nproc = cpu_processes
         how = (

@@ -637,6 +637,8 @@ def train(binned: Path, split_path: Path, spec: dict[str, Any], out: Path, ckpt_
         }
         write_text_atomic(out / "performance_summary.json", json.dumps(summary, indent=2) + "\n")
         run_info = {
+            "SLURM_JOB_ID": os.environ.get("SLURM_JOB_ID"),
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
             **system_info(device, world),
             "steps": step,
             "config_hash": chash,

@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repository root
 
+from evoformer.data.step import log_slurm_job  # noqa: E402
 from evoformer.errors import InputError  # noqa: E402
 
 
@@ -75,6 +76,7 @@ logging.basicConfig(
     filemode="w",
     force=True,
 )
+log_slurm_job()
 try:
     main()
 except InputError as e:

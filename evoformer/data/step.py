@@ -18,6 +18,15 @@ from typing import Any
 from evoformer.errors import InputError
 
 
+def log_slurm_job() -> None:
+    """Record which Slurm job (if any) ran this step: ``SLURM_JOB_ID=<id> host=<name>``."""
+    import socket
+
+    logging.getLogger("evoformer.step").info(
+        "SLURM_JOB_ID=%s host=%s", os.environ.get("SLURM_JOB_ID", "-"), socket.gethostname()
+    )
+
+
 def run_step(log_path: str | os.PathLike, func: Callable[..., Any], /, **kwargs: Any) -> Any:
     """Call ``func(**kwargs)`` with logging to ``log_path``; exit 1 on bad input."""
     root = logging.getLogger()
@@ -27,6 +36,7 @@ def run_step(log_path: str | os.PathLike, func: Callable[..., Any], /, **kwargs:
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
     name = getattr(func, "__name__", str(func))
+    log_slurm_job()
     logging.getLogger("evoformer.step").info(
         "%s(%s)", name, ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     )
