@@ -412,7 +412,9 @@ def test_workflow_every_stage_is_a_slurm_job(workflow_run: Run):
     for rule, job_id, slurm_log in run.jobs:
         assert slurm_log.name == f"{job_id}.log" and slurm_log.is_file(), f"{rule}: {slurm_log}"
         text = slurm_log.read_text()
-        assert f"rule {rule}:" in text and "Finished jobid" in text, text[-3000:]
+        # checkpoint rules (cv_select) are announced as "localcheckpoint <rule>:"
+        assert re.search(rf"(rule|checkpoint) {re.escape(rule)}:", text), text[-3000:]
+        assert "Finished jobid" in text, text[-3000:]
         assert slurm_job(job_id)["JobState"] == "COMPLETED"
 
 
