@@ -1,5 +1,5 @@
-# evoformer-workflow: preprocessing (HVG selection, binning, splitting), then
-# training, evaluation and reports (added by later stages).
+# evoformer-workflow: preprocessing (HVG selection, binning, splitting), the memory
+# pre-flight, training (torchrun/DDP), evaluation, result tables and memory reports.
 #
 #   snakemake --cores all                      # the base experiment of config.yaml
 #   snakemake --cores all --configfile my.yaml # another configuration
@@ -35,6 +35,7 @@ wildcard_constraints:
     n_bins=r"\d+",
 
 
+include: "rules/memory.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 
@@ -44,6 +45,7 @@ rule all:
     input:
         preprocess_targets(),
         rules.tables.output,
+        rules.memory_table.output,
 
 
 # Only the preprocessing stages of the base experiment: snakemake preprocess

@@ -12,7 +12,11 @@ Launched by ``python -m evoformer.launch`` (a thin wrapper around ``torchrun``) 
 
 Outputs (``--out``): ``model.pt`` (final weights + resolved config), ``metrics.tsv`` (one row per
 logged step and per validation), ``learning_curve.png``, ``performance_summary.json`` and
-``run_info.json`` (world size, devices, Slurm job id). Checkpoints live in ``--ckpt-dir``, a
+``run_info.json`` (world size, devices, Slurm job id). The peak memory in the summary is
+``torch.cuda.max_memory_allocated`` on GPU and, on CPU, the profiler's allocator peak of one
+training step (``peak_memory_source``: ``profiler``; the process RSS is kept beside it). With
+``--preflight`` (the pre-flight's ``preflight.json``) a micro-batch the pre-flight lowered
+(``memory.auto_micro_batch``) replaces the configured one. Checkpoints live in ``--ckpt-dir``, a
 folder the rule does not declare as output, so Snakemake's cleanup of a failed job keeps them; a
 rerun resumes from ``last.pt`` and bit-for-bit continues the interrupted run.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import hashlib
 import json
 import logging
@@ -46,6 +51,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from evoformer.data.arrays import BinnedData
 from evoformer.errors import InputError
 from evoformer.io import atomic_path, write_text_atomic
+from evoformer.memory.measured import record_cpu_peak
 from evoformer.model import BioFormer, ModelConfig, apply_value_mask, load_prior_network
 from evoformer.train_config import TrainConfig
 
@@ -277,6 +283,19 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss"
 
 
+def close_distributed() -> None:
+    """Destroy the process group once nothing else holds it.
+
+    Call after dropping the DDP model: its reducer holds the process group, and a gloo group
+    freed through the reducer's Python object is destroyed with the GIL held, which deadlocks
+    with gloo's worker threads freeing the last collective's tensors (they need the GIL).
+    ``destroy_process_group`` frees it with the GIL released.
+    """
+    gc.collect()  # the DDP wrapper may sit in reference cycles
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -486,6 +505,7 @@ def train(binned: Path, split_path: Path, spec: dict[str, Any], out: Path, ckpt_
 
     # ------------------------------------------------------------------ training loop
     model.train()
+    cpu_peak: int | None = None  # profiler peak of one step on CPU
     last_loss = float("nan")
     window = {"loss": 0.0, "n": 0, "t": 0.0, "samples": 0}
     stopped = False
@@ -494,6 +514,17 @@ def train(binned: Path, split_path: Path, spec: dict[str, Any], out: Path, ckpt_
         sampler.set_epoch(epoch)
         order = list(sampler)
         for _ in range(in_epoch, steps_per_epoch):
+            # on CPU, one step (the second: AdamW's moments exist) under the profiler's
+            # allocator timeline gives the step's peak tensor memory (RSS counts far more)
+            measure = (
+                device.type == "cpu"
+                and cpu_peak is None
+                and profiler is None
+                and (step >= 1 or total_steps == 1)
+            )
+            meter = record_cpu_peak(raw_model, optimizer) if measure else None
+            if meter is not None:
+                meter.__enter__()
             t_step = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
@@ -521,6 +552,9 @@ def train(binned: Path, split_path: Path, spec: dict[str, Any], out: Path, ckpt_
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if meter is not None:
+                meter.__exit__(None, None, None)
+                cpu_peak = meter.result.peak_bytes
             scheduler.step()
             sync(device)
             t4 = time.perf_counter()
@@ -599,10 +633,15 @@ def train(binned: Path, split_path: Path, spec: dict[str, Any], out: Path, ckpt_
         bar.close()
 
     peak, peak_source = peak_memory(device)
-    peaks = all_reduce_(torch.tensor([float(peak)], device=device), dist.ReduceOp.MAX)
+    rss = peak if peak_source == "rss" else None
+    if cpu_peak is not None:
+        peak, peak_source = cpu_peak, "profiler"
+    peaks = all_reduce_(
+        torch.tensor([float(peak), float(rss or 0)], device=device), dist.ReduceOp.MAX
+    )
     if stopped:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        del model  # see close_distributed
+        close_distributed()
         sys.exit(143)
 
     # ------------------------------------------------------------------ final outputs (rank 0)
@@ -621,9 +660,10 @@ def train(binned: Path, split_path: Path, spec: dict[str, Any], out: Path, ckpt_
             "average_forward_time_ms": 1000 * timers["forward"] / n,
             "average_backward_time_ms": 1000 * timers["backward"] / n,
             "average_optimizer_time_ms": 1000 * timers["optimizer"] / n,
-            "peak_memory_bytes": int(peaks.item()),
-            "peak_memory_mb": peaks.item() / 2**20,
+            "peak_memory_bytes": int(peaks[0].item()),
+            "peak_memory_mb": peaks[0].item() / 2**20,
             "peak_memory_source": peak_source,
+            "peak_rss_bytes": int(peaks[1].item()) if rss is not None else None,
             "precision": precision,
             "grad_accumulation": accum,
             "final_loss": last_loss,
@@ -662,7 +702,29 @@ def train(binned: Path, split_path: Path, spec: dict[str, Any], out: Path, ckpt_
         ckpt_path.unlink(missing_ok=True)  # done: a later rerun (e.g. new code) starts afresh
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+    del model  # DDP's reducer holds the process group: see close_distributed
+    close_distributed()
+
+
+def apply_preflight(spec: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``spec`` with the micro-batch the pre-flight chose when it lowered the configured one
+    (``memory.auto_micro_batch``); gradient accumulation follows from the global batch."""
+    try:
+        pf = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read the pre-flight result ({e})") from e
+    if not pf.get("adjusted"):
+        return spec
+    if "micro_batch_size" not in pf:
+        raise InputError(f"{path}: key 'micro_batch_size' is missing")
+    train = {**(spec.get("train") or {}), "micro_batch_size": int(pf["micro_batch_size"])}
+    log.info(
+        "micro_batch_size %s -> %d from the pre-flight (%s)",
+        (spec.get("train") or {}).get("micro_batch_size"),
+        train["micro_batch_size"],
+        path,
+    )
+    return {**spec, "train": train}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -678,6 +740,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--ckpt-dir", type=Path, required=True, help="checkpoint folder (kept on failure)"
     )
+    p.add_argument(
+        "--preflight", type=Path, help="preflight.json: use the micro-batch it chose, if any"
+    )
     a = p.parse_args(argv)
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(
@@ -690,6 +755,8 @@ def main(argv: list[str] | None = None) -> None:
     except json.JSONDecodeError as e:
         raise SystemExit(f"error: --spec is not valid JSON: {e}") from e
     try:
+        if a.preflight is not None:
+            spec = apply_preflight(spec, a.preflight)
         train(a.binned, a.split, spec, a.out, a.ckpt_dir)
     except InputError as e:
         log.error("%s", e)

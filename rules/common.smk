@@ -11,6 +11,8 @@ from pathlib import Path
 
 import jsonschema
 
+from evoformer.memory.spec import MEMORY_TRAIN_KEYS
+
 PBMC68K_PATH = "resources/pbmc68k.h5ad"
 SYNTHETIC_DIR = "resources/synthetic"
 BINNED_FILES = (
@@ -21,6 +23,16 @@ BINNED_FILES = (
     "genes.tsv",
     "meta.json",
 )
+
+
+def canonical(obj):
+    """A deep copy with every dict's keys sorted: a job's params are compared by their text
+    with the last run's, so reordering keys in config.yaml must not rerun anything."""
+    if isinstance(obj, dict):
+        return {k: canonical(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [canonical(v) for v in obj]
+    return copy.deepcopy(obj)
 
 
 def dataset_entry(name):
@@ -46,7 +58,7 @@ def dataset_file(name):
 def expression_config(name):
     """How to read a dataset's expression: expression, value_type, label_key."""
     entry = dataset_entry(name)
-    return {k: entry[k] for k in ("expression", "value_type", "label_key")}
+    return canonical({k: entry[k] for k in ("expression", "value_type", "label_key")})
 
 
 def synthetic_config(name):
@@ -54,19 +66,19 @@ def synthetic_config(name):
     entry = dataset_entry(name)
     if entry["kind"] != "synthetic":
         raise WorkflowError(f"dataset {name!r} is not of kind synthetic")
-    return copy.deepcopy(entry.get("synthetic", {}))
+    return canonical(entry.get("synthetic", {}))
 
 
 def hvg_config():
-    return copy.deepcopy(config["hvg"])
+    return canonical(config["hvg"])
 
 
 def binning_config():
-    return copy.deepcopy(config["binning"])
+    return canonical(config["binning"])
 
 
 def split_config():
-    return copy.deepcopy(config["split"])
+    return canonical(config["split"])
 
 
 def hvg_dir(dataset, n_hvg):
@@ -164,7 +176,9 @@ def fold_value(fold):
 
 def train_spec(wildcards):
     """Plain-typed training spec of one grid point and fold (the train rule's only config)."""
-    return experiments.spec(config, point_of(wildcards), fold_value(wildcards.fold))
+    return canonical(
+        experiments.spec(config, point_of(wildcards), fold_value(wildcards.fold))
+    )
 
 
 def run_dir(point, fold):
@@ -180,7 +194,7 @@ def record(point, fold, evaluated):
         "fold": fold,
         "performance_summary": f"{d}/train/performance_summary.json",
         "train_metrics": f"{d}/train/metrics.tsv",
-        "spec": experiments.spec(config, point, fold),
+        "spec": canonical(experiments.spec(config, point, fold)),
     }
     if evaluated:
         rec["eval_metrics"] = f"{d}/eval/eval_metrics.json"
@@ -218,4 +232,33 @@ def record_files(rec):
         rec[k]
         for k in ("performance_summary", "train_metrics", "eval_metrics")
         if k in rec
+    ]
+
+
+# ------------------------------------------------------------------ memory (pre-flight, reports)
+def preflight_params(wildcards):
+    """What the pre-flight of one grid point reads: the model, the training keys that change
+    memory, the data shape keys and the memory section (the target GPU). Nothing else, as
+    the training waits on the pre-flight and reruns when it reruns."""
+    spec = experiments.spec(config, point_of(wildcards), FOLDS[0])
+    return canonical(
+        {
+            "model": spec["model"],
+            "train": {
+                k: v for k, v in spec["train"].items() if k in MEMORY_TRAIN_KEYS
+            },
+            "n_hvg": int(wildcards.n_hvg),
+            "n_bins": int(wildcards.n_bins),
+            "include_zero_genes": bool(config["binning"]["include_zero_genes"]),
+            "prior": spec["prior"] is not None,
+            **config["memory"],
+        }
+    )
+
+
+def memory_report_files():
+    """The per-experiment memory report JSONs of every grid point (for results/tables/memory.tsv)."""
+    return [
+        f"results/{DATASET}/exp/{PARAMSPACE.wildcard_pattern.format(**p)}/memory/memory_report.json"
+        for p in grid_points()
     ]

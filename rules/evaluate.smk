@@ -24,7 +24,7 @@ rule evaluate:
         "../envs/workflow.yaml"
     params:
         fold=lambda wc: wc.fold,
-        eval=lambda wc: copy.deepcopy(config.get("evaluation") or {}),
+        eval=lambda wc: canonical(config.get("evaluation") or {}),
     script:
         "../workflow_scripts/evaluate.py"
 

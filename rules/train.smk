@@ -2,12 +2,15 @@
 # fold (CV folds 0..k-1, or "holdout"), plus the retrain of the CV-selected grid point on
 # train+val ("final"). Each job gets its plain-typed spec as a JSON param; checkpoints live in
 # checkpoints/ (not a declared output, so Snakemake's cleanup of a failed job keeps them).
+# A job starts only after its grid point's memory pre-flight has passed (rules/memory.smk),
+# and trains with the micro-batch the pre-flight chose under memory.auto_micro_batch.
 
 
 rule train:
     input:
         binned=lambda wc: binned_files(DATASET, wc.n_hvg, wc.n_bins),
         split=lambda wc: split_file(DATASET),
+        preflight=f"{EXP_DIR}/preflight.json",
     output:
         model=f"{EXP_DIR}/fold~{{fold}}/train/model.pt",
         metrics=f"{EXP_DIR}/fold~{{fold}}/train/metrics.tsv",
@@ -33,4 +36,5 @@ rule train:
         "bash {params.repo:q}/slurm/per_node.sh "
         "python -m evoformer.launch --cpu-processes {params.cpu_processes} -- "
         "--binned {params.binned:q} --split {input.split:q} --spec {params.spec:q} "
-        "--out {params.out:q} --ckpt-dir {params.ckpt:q} > {log:q} 2>&1"
+        "--out {params.out:q} --ckpt-dir {params.ckpt:q} --preflight {input.preflight:q} "
+        "> {log:q} 2>&1"

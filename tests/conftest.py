@@ -12,6 +12,8 @@ config.yaml; the evoformer package comes from the installed environment) and run
 from __future__ import annotations
 
 import copy
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +50,13 @@ def deep_update(base: dict, updates: Mapping[str, Any]) -> dict:
     return out
 
 
+def activated_env() -> dict[str, str]:
+    """``os.environ`` with this interpreter's ``bin/`` first on PATH (an activated venv)."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
 @dataclass
 class Workflow:
     """A copy of the workflow in ``root``."""
@@ -68,13 +77,19 @@ class Workflow:
         check: bool = True,
         timeout: float = 600,
     ) -> subprocess.CompletedProcess:
-        """``snakemake --cores 2 [--configfile F] ARGS`` in the copy; stdout+stderr in .stdout."""
+        """``snakemake --cores 2 [--configfile F] ARGS`` in the copy; stdout+stderr in .stdout.
+
+        Runs as a user would after activating the environment (README: ``. .venv/bin/activate``):
+        the test interpreter's ``bin/`` first on PATH, so that jobs' ``python`` is that one.
+        On failure the message ends with the last lines of each failed job's log.
+        """
         cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--nolock", *args]
         if configfile is not None:  # last: --configfile takes several values
             cmd += ["--configfile", str(configfile)]
         proc = subprocess.run(
             cmd,
             cwd=self.root,
+            env=activated_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -83,8 +98,20 @@ class Workflow:
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}"
+                + self.failed_job_logs(proc.stdout)
             )
         return proc
+
+    def failed_job_logs(self, output: str, lines: int = 30) -> str:
+        """The last ``lines`` lines of each log Snakemake names as holding a job's error."""
+        out = []
+        for match in re.finditer(r"log: (.+?) \(check log file\(s\) for error details\)", output):
+            for name in match.group(1).split(", "):
+                path = self.root / name
+                if path.is_file():
+                    tail = path.read_text(errors="replace").splitlines()[-lines:]
+                    out.append(f"\n--- {name} (last {len(tail)} lines) ---\n" + "\n".join(tail))
+        return "".join(out)
 
     def planned_jobs(self, *args: str, configfile: Path | None = CI_CONFIG) -> dict[str, int]:
         """Rule -> job count that a dry run plans ({} when nothing is to be done)."""

@@ -189,30 +189,46 @@ def _run_script(name, tmp_path, **sections):
 
 def test_workflow_scripts(tmp_path):
     model = {"preset": "bioformer", "c_m": 32, "c_z": 16, "c_opm": 8, "n_blocks": 2}
-    params = dict(
+    preflight = dict(
         model=model,
-        train={"micro_batch_size": 2, "global_batch_size": 4},
-        n_hvg=31,
+        train={"micro_batch_size": 2, "global_batch_size": 4, "label_head": True},
+        n_hvg=40,
         n_bins=11,
-        include_zero_genes=True,
+        include_zero_genes=False,
+        prior=False,
         gpu_mem_gib=80,
         safety_margin=0.1,
         auto_micro_batch=False,
         n_gpus=2,
     )
+    binned = tmp_path / "binned"
+    binned.mkdir()
+    (binned / "meta.json").write_text(json.dumps({"max_len": 31, "n_genes": 40, "n_bins": 11}))
+    pd.DataFrame({"cell_id": list("abcd"), "label": ["B", "T", "T", None]}).to_csv(
+        binned / "cells.tsv", sep="\t", index=False
+    )
+    inputs = {"meta": str(binned / "meta.json"), "cells": str(binned / "cells.tsv")}
     out = tmp_path / "exp" / "preflight.json"
-    _run_script("preflight", tmp_path, input={}, output={"json": str(out)}, params=params)
+    _run_script(
+        "preflight",
+        tmp_path,
+        input=inputs,
+        output={"json": str(out)},
+        params={"preflight": preflight},
+    )
     pf = json.loads(out.read_text())
+    # the sequence length is the binned data's longest cell; two label classes
     assert pf["fits"] and pf["spec"]["seq_len"] == 31 and pf["n_gpus"] == 2
+    assert pf["spec"]["n_labels"] == 2
     # does not fit: exit 1, one line in the log, no output
     bad = tmp_path / "bad" / "preflight.json"
     with pytest.raises(SystemExit):
         _run_script(
             "preflight",
             tmp_path,
-            input={},
+            input=inputs,
             output={"json": str(bad)},
-            params={**params, "gpu_mem_gib": 0.001},
+            params={"preflight": {**preflight, "gpu_mem_gib": 0.001}},
         )
     assert not bad.exists()
     assert (
@@ -237,3 +253,19 @@ def test_workflow_scripts(tmp_path):
         params={},
     )
     assert len(pd.read_csv(tsv, sep="\t")) == 1
+
+
+def test_training_takes_the_micro_batch_only_when_the_preflight_lowered_it(tmp_path):
+    from evoformer.train import apply_preflight
+
+    spec = {"model": {}, "train": {"micro_batch_size": 8, "global_batch_size": 16}, "fold": 0}
+    pf = tmp_path / "preflight.json"
+    pf.write_text(json.dumps({"adjusted": False, "micro_batch_size": 8}))
+    assert apply_preflight(spec, pf) == spec
+    pf.write_text(json.dumps({"adjusted": True, "micro_batch_size": 2}))
+    out = apply_preflight(spec, pf)
+    assert out["train"] == {"micro_batch_size": 2, "global_batch_size": 16}
+    assert spec["train"]["micro_batch_size"] == 8  # not modified in place
+    pf.write_text("{not json")
+    with pytest.raises(InputError, match="preflight.json: cannot read the pre-flight result"):
+        apply_preflight(spec, pf)

@@ -139,7 +139,9 @@ def test_two_process_training_learns_and_reports(reference: Path) -> None:
     assert (m["kind"] == "val").sum() == 3  # one validation per epoch
     summary = json.loads((reference / "performance_summary.json").read_text())
     assert summary["system"]["world_size"] == 2
-    assert summary["peak_memory_source"] == "rss" and summary["peak_memory_bytes"] > 0
+    # on CPU: the profiler's allocator peak of one step (tensors only), far below the RSS
+    assert summary["peak_memory_source"] == "profiler"
+    assert 0 < summary["peak_memory_bytes"] < summary["peak_rss_bytes"]
     assert summary["total_samples"] == summary["total_steps"] * TRAIN["global_batch_size"]
     for k in ("average_forward_time_ms", "average_backward_time_ms", "average_optimizer_time_ms"):
         assert summary[k] > 0

@@ -22,6 +22,9 @@ from evoformer.model import ModelConfig
 PRECISIONS = ("fp32", "bf16")
 OPM_KINDS = ("ours", "naive")
 DEVICE_KINDS = ("cuda", "cpu")
+#: The ``experiment.train`` keys that change a step's memory (the rest - lr, epochs, seeds ...
+#: - do not): what the workflow's pre-flight depends on.
+MEMORY_TRAIN_KEYS = ("micro_batch_size", "global_batch_size", "precision", "label_head")
 
 
 @dataclass
@@ -271,3 +274,17 @@ def resolve_data_shape(
             raise InputError(f"{binned_meta}: not valid JSON ({exc})") from exc
         return data_shape_from_meta(meta, n_labels=n_labels, prior=prior)
     return data_shape(n_hvg, n_bins, include_zero_genes, None, n_labels=n_labels, prior=prior)
+
+
+def label_classes(cells_tsv: str | os.PathLike) -> int:
+    """Cell-label classes of the binned data (distinct non-empty values of ``cells.tsv``'s
+    ``label`` column; 0 without one), as the trainer's label head counts them."""
+    import pandas as pd
+
+    try:
+        cells = pd.read_csv(cells_tsv, sep="\t")
+    except (OSError, pd.errors.ParserError) as exc:
+        raise InputError(f"{cells_tsv}: cannot read the cells table ({exc})") from exc
+    if "label" not in cells:
+        return 0
+    return int(cells["label"].dropna().astype(str).nunique())
