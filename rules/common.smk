@@ -196,6 +196,16 @@ def record(point, fold, evaluated):
         "train_metrics": f"{d}/train/metrics.tsv",
         "spec": canonical(experiments.spec(config, point, fold)),
     }
+    # provenance: everything that shaped this run, preprocessing included
+    rec["config_hash"] = experiments.config_hash(
+        {
+            "spec": rec["spec"],
+            "dataset": dataset_entry(DATASET),
+            "n_hvg": point["n_hvg"],
+            "n_bins": point["n_bins"],
+            **{k: config[k] for k in ("hvg", "binning", "split")},
+        }
+    )
     if evaluated:
         rec["eval_metrics"] = f"{d}/eval/eval_metrics.json"
     return rec

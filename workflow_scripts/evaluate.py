@@ -18,14 +18,12 @@ Expects (the rule's names)::
 Errors from bad input end up as one line in the log (and the job fails).
 """
 
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repository root
 
-from evoformer.data.step import log_slurm_job  # noqa: E402
-from evoformer.errors import InputError  # noqa: E402
+from evoformer.data.step import run_step  # noqa: E402
 
 
 def main() -> None:
@@ -54,24 +52,4 @@ def main() -> None:
     )
 
 
-log_path = snakemake.log[0] if snakemake.log else None
-if log_path:
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-logging.basicConfig(
-    level=logging.INFO,
-    format="%(levelname)s %(name)s: %(message)s",
-    filename=log_path,
-    filemode="w",
-    force=True,
-)
-log_slurm_job()
-try:
-    main()
-except InputError as e:
-    logging.getLogger("evaluate").error("%s", e)
-    sys.exit(1)
-except Exception as e:
-    logging.getLogger("evaluate").error(
-        "%s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else ""
-    )
-    raise
+run_step(snakemake.log[0], main)

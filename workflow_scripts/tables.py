@@ -22,15 +22,13 @@ Expects (the rule's names)::
 Errors from bad input end up as one line in the log (and the job fails).
 """
 
-import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repository root
 
-from evoformer.data.step import log_slurm_job  # noqa: E402
-from evoformer.errors import InputError  # noqa: E402
+from evoformer.data.step import run_step  # noqa: E402
 
 
 def _version(pkg: str) -> str:
@@ -66,24 +64,4 @@ def main() -> None:
     )
 
 
-log_path = snakemake.log[0] if snakemake.log else None
-if log_path:
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-logging.basicConfig(
-    level=logging.INFO,
-    format="%(levelname)s %(name)s: %(message)s",
-    filename=log_path,
-    filemode="w",
-    force=True,
-)
-log_slurm_job()
-try:
-    main()
-except InputError as e:
-    logging.getLogger("tables").error("%s", e)
-    sys.exit(1)
-except Exception as e:
-    logging.getLogger("tables").error(
-        "%s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else ""
-    )
-    raise
+run_step(snakemake.log[0], main)

@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from evoformer.errors import InputError
@@ -30,6 +31,7 @@ def log_slurm_job() -> None:
 def run_step(log_path: str | os.PathLike, func: Callable[..., Any], /, **kwargs: Any) -> Any:
     """Call ``func(**kwargs)`` with logging to ``log_path``; exit 1 on bad input."""
     root = logging.getLogger()
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log_path, mode="w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
