@@ -254,9 +254,7 @@ def preflight_params(wildcards):
     return canonical(
         {
             "model": spec["model"],
-            "train": {
-                k: v for k, v in spec["train"].items() if k in MEMORY_TRAIN_KEYS
-            },
+            "train": {k: v for k, v in spec["train"].items() if k in MEMORY_TRAIN_KEYS},
             "n_hvg": int(wildcards.n_hvg),
             "n_bins": int(wildcards.n_bins),
             "include_zero_genes": bool(config["binning"]["include_zero_genes"]),
