@@ -16,9 +16,11 @@ logged step and per validation), ``learning_curve.png``, ``performance_summary.j
 ``torch.cuda.max_memory_allocated`` on GPU and, on CPU, the profiler's allocator peak of one
 training step (``peak_memory_source``: ``profiler``; the process RSS is kept beside it). With
 ``--preflight`` (the pre-flight's ``preflight.json``) a micro-batch the pre-flight lowered
-(``memory.auto_micro_batch``) replaces the configured one. Checkpoints live in ``--ckpt-dir``, a
-folder the rule does not declare as output, so Snakemake's cleanup of a failed job keeps them; a
-rerun resumes from ``last.pt`` and bit-for-bit continues the interrupted run.
+(``memory.auto_micro_batch``) replaces the configured one. With ``train.memory_snapshot`` on
+GPU, ``memory_snapshot.pickle`` holds the allocator history of the first steps. Checkpoints
+live in ``--ckpt-dir``, a folder the rule does not declare as output, so Snakemake's cleanup
+of a failed job keeps them; a rerun resumes from ``last.pt`` and bit-for-bit continues the
+interrupted run.
 """
 
 from __future__ import annotations
@@ -504,6 +506,13 @@ def train(binned: Path, split_path: Path, spec: dict[str, Any], out: Path, ckpt_
         bar = tqdm(total=total_steps, initial=step, desc="train")
 
     # ------------------------------------------------------------------ training loop
+    snapshot_until = None  # CUDA allocator history of the first steps (train.memory_snapshot)
+    if cfg.memory_snapshot and rank == 0:
+        if device.type == "cuda":
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+            snapshot_until = min(step + 3, total_steps)
+        else:
+            log.info("train.memory_snapshot records CUDA allocations: nothing to record on CPU")
     model.train()
     cpu_peak: int | None = None  # profiler peak of one step on CPU
     last_loss = float("nan")
@@ -560,6 +569,12 @@ def train(binned: Path, split_path: Path, spec: dict[str, Any], out: Path, ckpt_
             t4 = time.perf_counter()
             timers["optimizer"] += t4 - t3
             step += 1
+            if snapshot_until is not None and step >= snapshot_until:
+                with atomic_path(out / "memory_snapshot.pickle") as tmp:
+                    torch.cuda.memory._dump_snapshot(str(tmp))
+                torch.cuda.memory._record_memory_history(enabled=None)
+                snapshot_until = None
+                log.info("allocator history written to %s", out / "memory_snapshot.pickle")
             step_time = t4 - t_step
             timers["batch"] += step_time
             train_time += step_time

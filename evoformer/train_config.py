@@ -46,6 +46,9 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between log lines
     ckpt_every: int = 50  # optimizer steps between checkpoints (also on SIGUSR1/SIGTERM)
     dist_timeout_s: int = 300  # collective timeout: a stuck rank fails the job instead of hanging
+    # CUDA: record the allocator history of the first 3 optimizer steps (rank 0) and write it
+    # to <out>/memory_snapshot.pickle (drag it onto https://pytorch.org/memory_viz)
+    memory_snapshot: bool = False
     profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
 
     @classmethod

@@ -269,3 +269,12 @@ def test_training_takes_the_micro_batch_only_when_the_preflight_lowered_it(tmp_p
     pf.write_text("{not json")
     with pytest.raises(InputError, match="preflight.json: cannot read the pre-flight result"):
         apply_preflight(spec, pf)
+
+
+def test_memory_snapshot_is_a_training_option():
+    from evoformer.train_config import TrainConfig
+
+    assert TrainConfig.from_dict({"memory_snapshot": True}).memory_snapshot is True
+    assert TrainConfig.from_dict({}).memory_snapshot is False
+    with pytest.raises(InputError, match="memory_snapshots"):
+        TrainConfig.from_dict({"memory_snapshots": True})
