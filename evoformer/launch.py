@@ -7,7 +7,8 @@
 - No CUDA (a laptop, CI, or a Slurm node with fake GPUs): ``--cpu-processes`` processes with gloo;
   the log says so.
 - Multi-node Slurm jobs (``SLURM_NNODES`` > 1, one task per node started by ``srun``): c10d
-  rendezvous on the first node of the allocation, keyed on ``SLURM_JOB_ID``.
+  rendezvous on the first node of the allocation, keyed on ``SLURM_JOB_ID``, on port
+  29500 + (job id mod 1000).
 
 The launcher ignores SIGUSR1 (Slurm's warning before the time limit, sent to every process of
 the job step) so that only the training processes react to it by checkpointing; SIGTERM is
@@ -36,6 +37,12 @@ def first_node(nodelist: str) -> str:
     return out.stdout.split()[0]
 
 
+def rendezvous_port(job_id: str) -> int:
+    """Rendezvous port of a multi-node job: 29500 + (job id mod 1000), so that two jobs whose
+    first node is the same (shared nodes) do not pick the same port."""
+    return 29500 + (int(job_id) % 1000 if job_id.isdigit() else 0)
+
+
 def torchrun_args(cpu_processes: int, env: dict[str, str]) -> list[str]:
     """torchrun's arguments (before the module) for this machine / Slurm allocation."""
     if torch.cuda.is_available():
@@ -58,14 +65,15 @@ def torchrun_args(cpu_processes: int, env: dict[str, str]) -> list[str]:
     nnodes = int(env.get("SLURM_NNODES", "1"))
     if nnodes > 1:
         host = first_node(env["SLURM_JOB_NODELIST"])
+        port = rendezvous_port(env.get("SLURM_JOB_ID", ""))
         args = [
             f"--nnodes={nnodes}",
             f"--nproc-per-node={nproc}",
             "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={host}:29500",
+            f"--rdzv-endpoint={host}:{port}",
             f"--rdzv-id={env.get('SLURM_JOB_ID', 'evoformer')}",
         ]
-        how += f", {nnodes} nodes, rendezvous at {host}:29500"
+        how += f", {nnodes} nodes, rendezvous at {host}:{port}"
     else:
         args = ["--standalone", f"--nproc-per-node={nproc}"]
     log.info("launching torchrun: %s", how)
