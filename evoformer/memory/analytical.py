@@ -39,7 +39,7 @@ pads an unaligned bias to 8 columns), the CPU device the math kernel (keeps scal
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from evoformer.memory.spec import StepSpec
@@ -584,16 +584,7 @@ class AnalyticalResult:
     spec: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "peak_bytes": self.peak_bytes,
-            "by_category": dict(self.by_category),
-            "phase": self.phase,
-            "peak_at": self.peak_at,
-            "by_op": {k: dict(v) for k, v in self.by_op.items()},
-            "components": dict(self.components),
-            "parameters": dict(self.parameters),
-            "spec": self.spec,
-        }
+        return asdict(self)
 
 
 def _groups(spec: StepSpec, ops: list[OpMemory]) -> list[list[OpMemory]]:

@@ -21,7 +21,7 @@ step (from the second step on, so AdamW's moments exist) and write the result to
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,7 @@ class MeasuredResult:
     source: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "peak_bytes": self.peak_bytes,
-            "baseline_bytes": self.baseline_bytes,
-            "step_peak_bytes": self.step_peak_bytes,
-            "source": self.source,
-        }
+        return asdict(self)
 
 
 def _tensors(obj: Any) -> Iterable[torch.Tensor]:

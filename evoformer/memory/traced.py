@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -76,14 +76,7 @@ class TracedResult:
     spec: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "peak_bytes": self.peak_bytes,
-            "by_category": dict(self.by_category),
-            "phase": self.phase,
-            "by_op": {k: dict(v) for k, v in self.by_op.items()},
-            "seconds": self.seconds,
-            "spec": self.spec,
-        }
+        return asdict(self)
 
 
 class _PhaseTracker(MemTracker):
