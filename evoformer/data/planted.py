@@ -23,8 +23,8 @@ The generative model, for a cell ``c`` of type ``t`` and a gene ``g``:
   binomial(mean ``mu``, ``dispersion``) drawn as a gamma-Poisson mixture.
 
 Cells are made in blocks (about 2M cells x genes each), each block from its own seeded
-stream, so memory is bounded (100k cells x 256 genes: ~0.55 GB peak) and the same parameters
-give the same bytes.
+stream, so memory is bounded (the dense work arrays are one block; the result is the sparse
+counts) and the same parameters give the same bytes.
 
 **What the per-gene numbers mean** (the ``<name>_genes.tsv`` columns, ``info["genes"]``,
 ``uns["planted"]["genes"]``). All refer to ``x[c, g]`` = the log1p-normalised value the
