@@ -1,0 +1,147 @@
+"""benchmarks/gpu_check.py: the no-CUDA exit, the budget, bad input, and the whole CPU dry run
+(every item at tiny sizes, gloo for the training run) with scanpy / anndata / jsonschema /
+umap / snakemake made unimportable, as on the GPU machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+ITEMS = (
+    "env",
+    "memory_journal",
+    "memory_pair_stack",
+    "throughput",
+    "sdpa",
+    "ddp_smoke",
+    "nccl_ddp",
+)
+MISSING_ON_GPU_MACHINE = ("anndata", "scanpy", "jsonschema", "umap", "snakemake")
+
+
+def blocked_env(tmp_path: Path) -> dict[str, str]:
+    """Environment whose PYTHONPATH makes the packages the GPU machine lacks fail to import."""
+    blocked = tmp_path / "blocked"
+    for name in MISSING_ON_GPU_MACHINE:
+        pkg = blocked / name
+        pkg.mkdir(parents=True, exist_ok=True)
+        (pkg / "__init__.py").write_text(
+            f"raise ImportError('{name} is not installed on the GPU machine (blocked by the test)')\n"
+        )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(blocked), str(REPO)])
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_without_cuda_it_says_so_and_exits_0(tmp_path):
+    out = tmp_path / "out"
+    proc = run(["--out", str(out)], blocked_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "needs a CUDA device" in proc.stdout
+    assert not out.exists()
+
+
+def test_bad_only_item_is_one_line_error(tmp_path):
+    proc = run(["--cpu-dry-run", "--only", "bogus", "--out", str(tmp_path)], blocked_env(tmp_path))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--only 'bogus'" in lines[0] and "memory_journal" in lines[0]
+
+
+def test_spent_budget_skips_items_with_a_note(tmp_path):
+    out = tmp_path / "out"
+    proc = run(
+        ["--cpu-dry-run", "--budget-s", "1e-6", "--only", "memory,ddp_smoke", "--out", str(out)],
+        blocked_env(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr
+    items = json.loads((out / "gpu_check.json").read_text())["items"]
+    assert set(items) == {"memory_journal", "memory_pair_stack", "ddp_smoke"}
+    for entry in items.values():
+        assert entry["status"] == "skipped" and "budget" in entry["note"]
+    md = (out / "gpu_check.md").read_text()
+    assert "**skipped**" in md and "Not run: env" in md
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_end_to_end(tmp_path):
+    env = blocked_env(tmp_path)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import anndata"], env=env, capture_output=True, text=True
+    )
+    assert probe.returncode != 0 and "blocked by the test" in probe.stderr
+
+    out = tmp_path / "out"
+    proc = run(["--cpu-dry-run", "--out", str(out)], env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gpu_check summary" in proc.stdout
+
+    data = json.loads((out / "gpu_check.json").read_text())
+    items = data["items"]
+    assert data["meta"]["mode"] == "cpu-dry-run"
+    assert set(items) == set(ITEMS)
+    failed = {k: v.get("error") or v.get("errors") for k, v in items.items() if v["status"] != "ok"}
+    assert not failed, failed
+
+    assert items["env"]["info"]["cuda_available"] is False
+    for name in ("memory_journal", "memory_pair_stack"):
+        e = items[name]
+        assert e["measured_source"] == "profiler"
+        assert e["measured_peak_bytes"] > 0 and e["traced_peak_bytes"] > 0
+        assert e["analytical_peak_bytes"] > 0
+        # the same step measured and traced: same order of magnitude, not a timing
+        assert 0.5 < e["measured_over_traced"] < 2.0
+    rows = {r["precision"]: r for r in items["throughput"]["rows"]}
+    assert set(rows) == {"bf16", "fp32"}
+    assert all(r["status"] == "ok" and r["samples_per_s"] > 0 for r in rows.values())
+    sdpa = items["sdpa"]
+    assert sdpa["probes"]["float32"]["MATH"] == "ok"
+    assert set(sdpa["training_step"]) == {"journal", "pair_stack"}
+    assert all(s["backends"] for s in sdpa["training_step"].values())
+    smoke = items["ddp_smoke"]
+    assert smoke["passed"] and smoke["exit_code"] == 0
+    assert smoke["world_size"] == 2 and smoke["backend"] == "gloo"
+    assert smoke["total_steps"] == 3 and smoke["samples_per_s"] > 0
+    assert (out / "ddp_smoke" / "train" / "model.pt").is_file()
+    nccl = items["nccl_ddp"]
+    assert nccl["passed"] and nccl["backend"] == "gloo" and nccl["params_in_sync"]
+
+    md = (out / "gpu_check.md").read_text()
+    for heading in (
+        "## Environment",
+        "## Peak memory of one training step",
+        "## Training throughput",
+        "## SDPA backends",
+        "## Training entry point smoke run",
+        "## Process group + DDP",
+    ):
+        assert heading in md
+    assert "Not run" not in md
+
+    # --only reruns one item and keeps the others
+    before = items["memory_journal"]["recorded_at"]
+    proc = run(["--cpu-dry-run", "--only", "env", "--out", str(out)], env)
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((out / "gpu_check.json").read_text())["items"]
+    assert set(again) == set(ITEMS)
+    assert again["memory_journal"]["recorded_at"] == before
+    assert again["env"]["status"] == "ok"
