@@ -1,8 +1,9 @@
 # evoformer-workflow: preprocessing (HVG selection, binning, splitting), the memory
 # pre-flight, training (torchrun/DDP), evaluation, result tables and memory reports.
 #
-#   snakemake --cores all                      # the base experiment of config.yaml
-#   snakemake --cores all --configfile my.yaml # another configuration
+#   snakemake --cores all                      # the experiments of config.yaml
+#   snakemake --cores all --configfile my.yaml # another configuration, instead of config.yaml
+#                                              # (configs/*.yaml: the published experiments)
 import sys
 
 from snakemake.utils import Paramspace, validate
@@ -10,8 +11,11 @@ from snakemake.utils import Paramspace, validate
 sys.path.insert(0, workflow.basedir)  # the evoformer package, also under --sdm conda
 from evoformer import experiments
 
+# A configuration given with --configfile replaces config.yaml (it is not merged into it):
+# every file in configs/ is a complete description of its experiments.
+if not workflow.overwrite_configfiles:
 
-configfile: "config.yaml"
+    configfile: "config.yaml"
 
 
 include: "rules/common.smk"

@@ -1,33 +1,38 @@
 """Evaluate one trained BioFormer on the held-out test cells, side by side with honest baselines.
 
-Read top to bottom: parameters -> metric definitions (pure numpy, unit-tested) -> baselines ->
-model inference -> probes -> UMAP -> :func:`evaluate` (the ``evaluate`` rule's entry point).
-
-Three tasks, each with its baseline:
+Read top to bottom: parameters -> bin-space metric definitions -> model inference on the test
+cells -> masked-value evaluation in expression space (baselines, bootstrap) -> gene-gene scores
+-> probes -> UMAP -> :func:`evaluate` (the ``evaluate`` rule's entry point).
 
 1. **Masked-value prediction.** In every test cell ``round(mask_ratio * n_real)`` real gene
-   tokens are masked with a mask seeded by ``(seed, cell group)`` only (so it does not depend on
-   the batch size or on the model); the model predicts their bins. The *baseline* predicts, for
-   the same masked positions, from the gene's bin histogram over the **training cells** (the
-   cells the model was trained on): the modal bin (bin accuracy), the mean bin (MSE, Pearson,
-   relative error) and the add-one-smoothed frequencies (cross-entropy).
-2. **Cell-label probes** (only when the binned cells have a ``label`` column): a logistic
+   tokens are masked by ``fixed_mask`` (seeded by ``(seed, cell group)`` only: the same positions
+   whatever the model, its ``n_bins`` or training settings, or the batch size). Every predictor is
+   scored on the same held-out values, the cells' log1p-normalised expression at those positions
+   (:mod:`evoformer.metrics`): the model through its decoded prediction, and the baselines of
+   :mod:`evoformer.baselines` fitted on the **training cells** only (the cells the model was
+   trained on): the per-gene mean, ridge co-expression and kNN. Seeded bootstrap over test cells
+   gives 95% intervals for every metric and for the paired difference model - baseline. The
+   bin-space metrics of the model and of the per-gene bin histogram are kept, labelled ``bin_``
+   (they are not comparable across ``n_bins``).
+2. **Gene-gene scores** (with a known network, e.g. planted data): the model's row-attention maps
+   averaged over heads, blocks and test cells, and the ridge baseline's |coefficients|, scored by
+   AUPRC against the true network.
+3. **Cell-label probes** (only when the binned cells have a ``label`` column): a logistic
    regression and a kNN classifier trained on embeddings of the training cells, scored on the
    test cells, for the CLS embedding, the mean-pooled embedding and, as the baseline, PCA of the
    log-normalised HVG expression (PCA fitted on the training cells only).
-3. **Label head** (only when the model was trained with ``train.label_head``): its test accuracy.
+4. **Label head** (only when the model was trained with ``train.label_head``): its test accuracy.
 
 Outputs: ``eval_metrics.json`` (flat ``metrics`` for the tables + ``details``),
 ``embeddings.h5ad`` (obs = test cells and the probe's training cells; obsm ``X_cls``, ``X_mean``,
 ``X_pca``, ``X_umap_cls``/``X_umap_mean`` for test cells) and ``umap.png``.
 
-Deterministic on CPU: fixed mask seeds, no dropout (eval mode), sklearn and UMAP with fixed
-``random_state``.
+Deterministic on CPU: fixed mask seeds, no dropout (eval mode), seeded baselines and bootstrap,
+sklearn and UMAP with fixed ``random_state``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -43,11 +48,21 @@ import pandas as pd
 import torch
 
 import evoformer
+from evoformer.baselines import BASELINES, fit_baselines
 from evoformer.data.arrays import BinnedData
 from evoformer.errors import InputError
 from evoformer.io import atomic_path, write_text_atomic
-from evoformer.model import BioFormer, ModelConfig, apply_value_mask, load_prior_network
-from evoformer.train import CellBatches, label_codes, mask_generator, select_rows
+from evoformer.metrics import (
+    EXPR_METRICS,
+    LOWER_IS_BETTER,
+    Positions,
+    Scorer,
+    bin_values,
+    bootstrap,
+)
+from evoformer.model import BioFormer, ModelConfig, fixed_mask, load_prior_network
+from evoformer.train import CellBatches, label_codes, select_rows
+from evoformer.typed import from_plain
 
 log = logging.getLogger("evoformer.evaluate")
 
@@ -57,32 +72,41 @@ EVAL_MASK_TAG = -2
 PROBE_REPS = ("cls", "mean", "pca")
 PROBE_CLASSIFIERS = ("logreg", "knn")
 VALUE_METRICS = ("bin_acc", "ce", "mse", "pearson", "mre")
+#: Predictors of the expression-space evaluation: the model, then the baselines.
+PREDICTORS = ("model", *BASELINES)
 
 
 # ----------------------------------------------------------------------------- parameters
 @dataclass
 class EvalParams:
-    """Settings of one evaluation (the ``evaluate`` rule's ``params``).
+    """Settings of one evaluation (the config's ``evaluation:`` section plus the run's fold).
 
     Attributes:
-        mask_ratio: fraction of each test cell's real tokens to mask; ``None`` = the model's
-            ``train.mask_ratio``.
-        seed: seed of the test masks, the probe subsample, sklearn and UMAP.
+        mask_ratio: fraction of each test cell's real tokens to mask (also the validation mask
+            during training: every grid point is scored on the same positions).
+        seed: seed of the test masks, the baselines, the bootstrap, the probe subsample, sklearn
+            and UMAP.
         batch_size: cell groups per forward pass.
+        n_bootstrap: bootstrap resamples of the test cells for the 95% intervals.
+        max_baseline_train_cells: training cells the ridge / kNN baselines are fitted on at most
+            (a seeded subsample; the per-gene mean uses all of them).
+        gene_score_cells: test cells whose attention maps are averaged into gene-gene scores.
         knn_k: neighbours of the kNN probe (capped at the number of training cells).
         n_pcs: components of the PCA baseline (capped by cells and genes).
         fold: the model's fold: -1 = holdout (trained on ``split == train``), k >= 0 = CV fold k
             (trained on train+val cells outside fold k). Chooses the "training cells".
         final: the model is the retrain on all train+val cells.
-        max_probe_train_cells: training cells the probes see at most (seeded subsample; all
-            training cells enter the masked-value baseline).
+        max_probe_train_cells: training cells the probes see at most (seeded subsample).
         umap: compute the UMAP of test embeddings (``umap.png`` says so when off).
         device: ``cpu``, ``cuda`` or ``auto`` (CUDA when available).
     """
 
-    mask_ratio: float | None = None
+    mask_ratio: float = 0.15
     seed: int = 0
     batch_size: int = 32
+    n_bootstrap: int = 1000
+    max_baseline_train_cells: int = 20000
+    gene_score_cells: int = 500
     knn_k: int = 15
     n_pcs: int = 50
     fold: int = -1
@@ -92,40 +116,39 @@ class EvalParams:
     device: str = "cpu"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> EvalParams:
+    def from_dict(cls, d: dict[str, Any] | None, where: str = "evaluation") -> EvalParams:
         """Build from plain params; an unknown key or bad value raises ``InputError`` naming it."""
         d = dict(d or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in known:
-                raise InputError(f"evaluate params: unknown key '{key}' (known: {sorted(known)})")
         if d.get("fold") in ("holdout", None):
             d["fold"] = -1
         elif d.get("fold") == "final":
             d["fold"], d["final"] = -1, True
-        p = cls(**d)
-        p.validate()
+        p = from_plain(cls, d, where)
+        p.validate(where)
         return p
 
-    def validate(self) -> None:
+    def validate(self, where: str = "evaluation") -> None:
         def bad(key: str, what: str) -> InputError:
-            return InputError(f"evaluate params key '{key}': got {getattr(self, key)!r}, {what}")
+            return InputError(f"config key '{where}.{key}': got {getattr(self, key)!r}, {what}")
 
-        mr = self.mask_ratio
-        if mr is not None and (
-            isinstance(mr, bool) or not isinstance(mr, int | float) or not 0 < mr <= 1
-        ):
-            raise bad("mask_ratio", "expected a number in (0, 1] or null")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+        if not 0 < self.mask_ratio < 1:
+            raise bad("mask_ratio", "expected a number in (0, 1)")
+        if self.seed < 0:
             raise bad("seed", "expected an integer >= 0")
-        for key in ("final", "umap"):
-            if not isinstance(getattr(self, key), bool):
-                raise bad(key, "expected true or false")
-        for key in ("batch_size", "knn_k", "n_pcs", "max_probe_train_cells"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        positive = (
+            "batch_size",
+            "knn_k",
+            "n_pcs",
+            "max_probe_train_cells",
+            "max_baseline_train_cells",
+            "gene_score_cells",
+        )
+        for key in positive:
+            if getattr(self, key) < 1:
                 raise bad(key, "expected a positive integer")
-        if isinstance(self.fold, bool) or not isinstance(self.fold, int) or self.fold < -1:
+        if self.n_bootstrap < 0:
+            raise bad("n_bootstrap", "expected an integer >= 0 (0: no intervals)")
+        if self.fold < -1:
             raise bad("fold", "expected -1 (holdout), a fold index >= 0, 'holdout' or 'final'")
         if self.device not in ("cpu", "cuda", "auto"):
             raise bad("device", "expected cpu, cuda or auto")
@@ -205,7 +228,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, 
     }
 
 
-# ----------------------------------------------------------------------------- baseline
+# ----------------------------------------------------------------------------- bin-space baseline
 def gene_bin_counts(
     data: BinnedData, rows: np.ndarray, n_genes: int, n_bins: int, chunk: int = 4096
 ) -> np.ndarray:
@@ -277,7 +300,7 @@ def load_model(
     if not model_path.is_file():
         raise InputError(f"{model_path}: model file not found")
     try:
-        d = torch.load(model_path, map_location="cpu", weights_only=False)
+        d = torch.load(model_path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         raise InputError(f"{model_path}: cannot read the model ({type(e).__name__})") from e
     missing = [k for k in ("model", "model_config", "n_genes", "n_bins") if k not in d]
@@ -334,16 +357,18 @@ def run_model(
     rows: np.ndarray,
     labels: np.ndarray,
     params: EvalParams,
-    mask_ratio: float,
     device: torch.device,
     with_masks: bool,
 ) -> dict[str, np.ndarray]:
     """Embeddings (and, with ``with_masks``, masked-value predictions) for the cells ``rows``.
 
     Returns ``cls``, ``mean`` ``[n, c_m]`` and ``label_pred [n]`` (-1 without a label head), in
-    the order of ``rows``; with masks also, per masked position (``M`` of them): ``true``,
-    ``gene``, ``pred_bin``, ``pred_value`` ``[M]`` and ``log_prob_true [M]`` (CE models only).
-    The mask of cell group ``i`` comes from ``mask_generator(seed, EVAL_MASK_TAG, i)``.
+    the order of ``rows``. With masks also, per masked position (``M`` of them): ``true`` (bin),
+    ``gene``, ``cell`` (index into ``rows``), ``pred_bin``, ``pred_value`` (bin space),
+    ``log_prob_true`` (CE models only, else None), ``expr_true`` (log1p value), ``expr_pred``
+    (decoded, :meth:`BioFormer.decode_expression`) and ``nonzero_score``; and ``hidden [n, G]``,
+    the masked genes of every cell. The mask of group ``i`` is
+    ``fixed_mask(..., params.seed, EVAL_MASK_TAG, i)`` at ``params.mask_ratio``.
     """
     s = model.cfg.n_cells_per_msa
     n_bins = model.n_bins
@@ -351,12 +376,14 @@ def run_model(
     cells = CellBatches(data, rows_p, labels, s)
     keep = keep.reshape(-1, s)  # [n_groups, S]
     emb: dict[str, list[np.ndarray]] = {"cls": [], "mean": [], "label_pred": []}
-    pos: dict[str, list[np.ndarray]] = {
-        k: [] for k in ("true", "gene", "pred_bin", "pred_value", "log_prob_true")
-    }
+    names = (
+        "true", "gene", "cell", "pred_bin", "pred_value", "log_prob_true", "expr_true",
+        "expr_pred", "nonzero_score",
+    )  # fmt: skip
+    pos: dict[str, list[np.ndarray]] = {k: [] for k in names}
     for start in range(0, len(cells), params.batch_size):
         items = np.arange(start, min(start + params.batch_size, len(cells)))
-        batch = cells.batch(items)
+        batch = cells.batch(items, truth=with_masks)
         k = torch.as_tensor(keep[items])  # [B, S]
         gene_ids, values, pad = batch["gene_ids"], batch["values"], batch["pad_mask"]
         out = model(gene_ids.to(device), values.to(device), pad.to(device))
@@ -366,18 +393,20 @@ def run_model(
             emb["label_pred"].append(out["label_logits"].float().argmax(-1).cpu()[k].numpy())
         if not with_masks:
             continue
-        masked_vals, loss_mask = [], []
-        for j, item in enumerate(items):  # one generator per group: independent of batch size
-            gen = mask_generator(params.seed, EVAL_MASK_TAG, int(item))
-            mv, lm = apply_value_mask(values[j : j + 1], pad[j : j + 1], mask_ratio, n_bins, gen)
-            masked_vals.append(mv)
-            loss_mask.append(lm)
-        mv = torch.cat(masked_vals)
-        lm = torch.cat(loss_mask) & k[:, :, None]  # [B, S, L]; repeated cells do not count
+        mv, lm = fixed_mask(
+            values, pad, params.mask_ratio, n_bins, params.seed, EVAL_MASK_TAG, items
+        )
+        lm = lm & k[:, :, None]  # [B, S, L]; repeated cells do not count
         pred = model(gene_ids.to(device), mv.to(device), pad.to(device))["pred"].float().cpu()
+        expr, score = model.decode_expression(pred, bin_values(batch["edges"]))
         true = values[lm]
+        cell_of = torch.as_tensor(items[:, None] * s + np.arange(s)[None, :])  # [B, S]
         pos["true"].append(true.numpy())
         pos["gene"].append(gene_ids[lm].numpy())
+        pos["cell"].append(cell_of[:, :, None].expand_as(lm)[lm].numpy())
+        pos["expr_true"].append(batch["expression"][lm].numpy())
+        pos["expr_pred"].append(expr[lm].numpy())
+        pos["nonzero_score"].append(score[lm].numpy())
         if model.cfg.loss == "ce":
             logp = torch.log_softmax(pred[lm], dim=-1)  # [M, K]
             pos["pred_bin"].append(logp.argmax(-1).numpy())
@@ -395,7 +424,7 @@ def run_model(
         return np.zeros((0,) if width is None else (0, width), dtype)
 
     c_m = model.cfg.c_m
-    result = {
+    result: dict[str, Any] = {
         "cls": cat(emb["cls"], np.float32, c_m),
         "mean": cat(emb["mean"], np.float32, c_m),
         "label_pred": cat(emb["label_pred"], np.int64)
@@ -403,13 +432,152 @@ def run_model(
         else np.full(len(rows), -1, np.int64),
     }
     if with_masks:
-        result.update({k: cat(v, np.float64) for k, v in pos.items() if k != "log_prob_true"})
-        result["true"] = result["true"].astype(np.int64)
-        result["gene"] = result["gene"].astype(np.int64)
+        for key in names:
+            if key != "log_prob_true":
+                result[key] = cat(pos[key], np.float64)
+        for key in ("true", "gene", "cell"):
+            result[key] = result[key].astype(np.int64)
         result["log_prob_true"] = (
             cat(pos["log_prob_true"], np.float64) if model.cfg.loss == "ce" else None
         )
+        hidden = np.zeros((len(rows), data.n_genes), bool)
+        hidden[result["cell"], result["gene"]] = True
+        result["hidden"] = hidden
     return result
+
+
+# ----------------------------------------------------------------------------- expression space
+def dense_expression(data: BinnedData, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(x [n, G] float64 log1p expression, real [n, G] bool)`` of the cells ``rows``: real =
+    the entries that are tokens (every gene with include_zero_genes, else the non-zero ones)."""
+    g = data.n_genes
+    x = np.zeros((len(rows), g))
+    real = np.zeros((len(rows), g), bool)
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = np.asarray(rows)[order]
+    for i in range(0, len(rows), 4096):
+        r = sorted_rows[i : i + 4096]
+        genes, _ = data.tokens(r)
+        expr = np.asarray(data.expression[r], dtype=np.float64)
+        dest = order[i : i + 4096]
+        ok = genes >= 0
+        rr = np.broadcast_to(dest[:, None], genes.shape)[ok]
+        x[rr, genes[ok]] = expr[ok]
+        real[rr, genes[ok]] = True
+    return x, real
+
+
+def expression_evaluation(
+    res: dict[str, Any],
+    x_test: np.ndarray,
+    x_train: np.ndarray,
+    real_train: np.ndarray,
+    params: EvalParams,
+) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, Any]]:
+    """Score the model and the baselines on the same masked test positions, with bootstrap.
+
+    Args:
+        res: :func:`run_model` output for the test cells (with masks).
+        x_test: ``[n_test, G]`` log1p expression of the test cells (the baselines hide
+            ``res["hidden"]`` of it).
+        x_train, real_train: ``[n_train, G]`` training cells (:func:`dense_expression`).
+
+    Returns:
+        ``(intervals, fitted)``: :func:`evoformer.metrics.bootstrap` output (``model``, the
+        baselines and ``diff:<baseline>``), and the fitted baselines.
+    """
+    hidden = res["hidden"]
+    fitted = fit_baselines(x_train, real_train, params.mask_ratio, params.seed)
+    cell, gene = res["cell"], res["gene"]
+    positions = Positions(res["expr_true"], gene, cell, len(x_test))
+    scorers = {"model": Scorer(positions, res["expr_pred"], res["nonzero_score"])}
+    for name, baseline in fitted.items():
+        pred = baseline.predict(x_test, hidden)
+        scorers[name] = Scorer(positions, pred[cell, gene])
+    return bootstrap(scorers, len(x_test), params.n_bootstrap, params.seed), fitted
+
+
+def strongest_baselines(intervals: dict[str, dict[str, dict[str, float]]]) -> dict[str, str]:
+    """Per expression metric, the baseline with the best point estimate."""
+    out = {}
+    for m in EXPR_METRICS:
+        sign = 1.0 if LOWER_IS_BETTER[m] else -1.0
+        values = {b: intervals[b][m]["value"] for b in BASELINES}
+        finite = {b: v for b, v in values.items() if math.isfinite(v)}
+        out[m] = min(finite, key=lambda b: sign * finite[b]) if finite else BASELINES[0]
+    return out
+
+
+# ----------------------------------------------------------------------------- gene-gene scores
+@torch.no_grad()
+def attention_gene_scores(
+    model: BioFormer, data: BinnedData, rows: np.ndarray, device: torch.device, batch_size: int
+) -> np.ndarray:
+    """``[G, G]`` gene-gene scores: the row-attention weights between gene tokens (pair bias and
+    key mask included), averaged over heads, blocks and the cells ``rows``, symmetrised.
+
+    The weights are recomputed explicitly from each block's attention input (captured with a
+    forward pre-hook), as the fused attention kernel does not return them.
+    """
+    g = data.n_genes
+    total = torch.zeros(g, g, dtype=torch.float64)
+    count = torch.zeros(g, g, dtype=torch.float64)
+    captured: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+    ops = [blk.msa_row_attention.op for blk in model.stack.blocks]
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        captured.append(args[:3])
+
+    handles = [op.register_forward_pre_hook(hook) for op in ops]
+    try:
+        cells = CellBatches(data, np.asarray(rows), np.full(len(data), -1), 1)
+        for start in range(0, len(cells), batch_size):
+            batch = cells.batch(np.arange(start, min(start + batch_size, len(cells))))
+            captured.clear()
+            model(*(batch[k].to(device) for k in ("gene_ids", "values", "pad_mask")))
+            att = sum(_attention_weights(op, *a) for op, a in zip(ops, captured, strict=True))
+            att = (att / len(ops)).mean(-3)[:, 0, 1:, 1:].double().cpu()  # [B, L, L] genes
+            ids = batch["gene_ids"][:, 0]  # [B, L]
+            real = batch["pad_mask"][:, 0]
+            pair = (real[:, :, None] & real[:, None, :]).reshape(-1)
+            flat = (ids[:, :, None] * g + ids[:, None, :]).reshape(-1)[pair]
+            total.view(-1).index_add_(0, flat, att.reshape(-1)[pair])
+            count.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+    finally:
+        for h in handles:
+            h.remove()
+    scores = (total / count.clamp(min=1)).numpy()
+    return (scores + scores.T) / 2
+
+
+def _attention_weights(
+    op: torch.nn.Module, m: torch.Tensor, z: torch.Tensor | None, msa_mask: torch.Tensor
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + pair bias + key mask) of one row attention: ``[B, S, H, r, r]``."""
+    from evoformer.model.primitives import mask_bias
+
+    mha = op.mha
+    h, d = mha.n_heads, mha.c_hidden
+    q = mha.linear_q(m).unflatten(-1, (h, d)).transpose(-2, -3)  # [B, S, H, r, d]
+    k = mha.linear_k(m).unflatten(-1, (h, d)).transpose(-2, -3)
+    logits = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(d)
+    logits = logits + mask_bias(msa_mask, torch.float32)[..., None, None, :]
+    if z is not None and op.linear_z is not None:
+        bias = op.linear_z(op.layer_norm_z(z)).float().movedim(-1, -3).unsqueeze(-4)
+        logits = logits + bias
+    return torch.softmax(logits, dim=-1)
+
+
+def network_recovery(scores: dict[str, np.ndarray], network: str, genes: list[str]) -> dict:
+    """AUPRC of each ``[G, G]`` score matrix against the true network (undirected, no diagonal)
+    and the random rate."""
+    from evoformer.grn import auprc, random_auprc, read_truth
+
+    truth = read_truth(network, genes)
+    out = {"random_auprc": random_auprc(truth)}
+    for name, sc in scores.items():
+        out[f"{name}_auprc"] = auprc(sc, truth)
+    return out
 
 
 # ----------------------------------------------------------------------------- probes
@@ -588,6 +756,7 @@ def evaluate(
     params: dict[str, Any] | EvalParams | None = None,
     prior: str | os.PathLike | None = None,
     outputs: dict[str, str | os.PathLike] | None = None,
+    network: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model_path`` on the test cells; write the outputs and return the metrics dict.
 
@@ -601,6 +770,8 @@ def evaluate(
         prior: optional prior-network TSV (else the prior saved in the weights, if any).
         outputs: optional explicit paths for ``metrics`` (JSON), ``embeddings`` (h5ad), ``umap``
             (PNG); defaults ``out_dir/eval_metrics.json``, ``embeddings.h5ad``, ``umap.png``.
+        network: optional true gene-gene network TSV (planted data): the model's attention
+            scores and the ridge baseline's coefficients are scored against it (AUPRC).
 
     Returns:
         The content of ``eval_metrics.json``: ``metrics`` (flat name -> number or None; see
@@ -631,9 +802,6 @@ def evaluate(
             f"{model_path}: model has n_bins {saved['n_bins']} but {binned} has {n_bins}"
         )
     model.to(device)
-    mask_ratio = p.mask_ratio
-    if mask_ratio is None:
-        mask_ratio = float((saved.get("train_config") or {}).get("mask_ratio", 0.15))
 
     if not split_path.is_file():
         raise InputError(f"{split_path}: split table not found")
@@ -651,23 +819,42 @@ def evaluate(
         raise InputError(f"{split_path}: no test cells among the binned cells of {binned}")
     log.info("evaluating on %d test cells, %d training cells", len(test), len(train_rows))
 
-    # 1. masked-value prediction, model vs per-gene baseline (training cells only)
-    res = run_model(model, data, test, labels, p, mask_ratio, device, with_masks=True)
+    # 1. masked-value prediction: the model and the baselines on the same masked positions
+    res = run_model(model, data, test, labels, p, device, with_masks=True)
     counts = gene_bin_counts(data, train_rows, len(gene_names), n_bins)
     base = GeneBaseline.from_counts(counts).predict(res["gene"], res["true"])
-    masked = {
+    bin_space = {
         "model": value_metrics(
             res["true"], res["pred_bin"], res["pred_value"], res["log_prob_true"]
         ),
-        "baseline": value_metrics(res["true"], **base),
+        "mean": value_metrics(res["true"], **base),
     }
+    fit_rows = train_rows
+    if len(fit_rows) > p.max_baseline_train_cells:
+        rng = np.random.default_rng(p.seed)
+        fit_rows = np.sort(rng.choice(fit_rows, p.max_baseline_train_cells, replace=False))
+    x_train, real_train = dense_expression(data, fit_rows)
+    x_test, _ = dense_expression(data, test)
+    intervals, fitted = expression_evaluation(res, x_test, x_train, real_train, p)
+    strongest = strongest_baselines(intervals)
 
-    # 2. probes on embeddings of (a seeded subsample of) the training cells
+    # 2. gene-gene scores against a known network
+    recovery = None
+    if network is not None:
+        score_rows = test[: p.gene_score_cells]
+        scores = {
+            "model": attention_gene_scores(model, data, score_rows, device, p.batch_size),
+            "ridge": fitted["ridge"].gene_scores(),
+        }
+        recovery = network_recovery(scores, str(network), gene_names)
+        log.info("network recovery: %s", recovery)
+
+    # 3. probes on embeddings of (a seeded subsample of) the training cells
     probe_rows = train_rows
     if len(probe_rows) > p.max_probe_train_cells:
         rng = np.random.default_rng(p.seed)
         probe_rows = np.sort(rng.choice(probe_rows, p.max_probe_train_cells, replace=False))
-    tr = run_model(model, data, probe_rows, labels, p, mask_ratio, device, with_masks=False)
+    tr = run_model(model, data, probe_rows, labels, p, device, with_masks=False)
     ids = data.cells["cell_id"].astype(str).to_numpy()
     x_hvg_tr = read_hvg_expression(hvg_h5ad, ids[probe_rows].tolist())
     x_hvg_te = read_hvg_expression(hvg_h5ad, ids[test].tolist())
@@ -695,7 +882,7 @@ def evaluate(
         kte = y_te >= 0
         head = classification_metrics(y_te[kte], res["label_pred"][kte])
 
-    # 3. UMAP of the test embeddings
+    # 4. UMAP of the test embeddings
     test_labels = [label_names[i] if i >= 0 else "unknown" for i in y_te] if has_labels else None
     if p.umap:
         coords = umap_figure(
@@ -726,11 +913,23 @@ def evaluate(
         "n_probe_train_cells": len(probe_rows),
         "fold": p.fold,
         "final": p.final,
-        "mask_ratio": mask_ratio,
+        "mask_ratio": p.mask_ratio,
         "mask_seed": p.seed,
         "loss": model.cfg.loss,
         "n_bins": n_bins,
-        "masked_value": masked,
+        "preset": model.cfg.preset,
+        "n_parameters": int(saved.get("n_parameters") or 0),
+        "selected_step": saved.get("selected_step"),
+        "n_baseline_train_cells": len(fit_rows),
+        "baselines": {
+            "ridge_alpha": fitted["ridge"].alpha,
+            "knn_k": fitted["knn"].k,
+        },
+        "n_bootstrap": p.n_bootstrap,
+        "bin_space": bin_space,
+        "expression": intervals,
+        "strongest_baseline": strongest,
+        "network_recovery": recovery,
         "probe_status": probe_status,
         "probe": probes,
         "label_head": head,
@@ -739,7 +938,9 @@ def evaluate(
         "label_names": label_names,
     }
     result = {
-        "metrics": flat_metrics(masked, probes, head),
+        "metrics": flat_metrics(
+            bin_space, intervals, strongest, probes, head, recovery, details_counts(res, saved)
+        ),
         "details": details,
         "versions": package_versions(),
     }
@@ -748,21 +949,57 @@ def evaluate(
     return result
 
 
+def details_counts(res: dict[str, Any], saved: dict[str, Any]) -> dict[str, float]:
+    """Counts shown in the tables: masked positions (all, non-zero) and model parameters."""
+    return {
+        "n_masked": int(len(res["true"])),
+        "n_masked_nonzero": int((res["expr_true"] > 0).sum()),
+        "n_parameters": int(saved.get("n_parameters") or 0),
+    }
+
+
 def flat_metrics(
-    masked: dict[str, dict[str, float]],
+    bin_space: dict[str, dict[str, float]],
+    expression: dict[str, dict[str, dict[str, float]]],
+    strongest: dict[str, str],
     probes: dict[str, dict[str, dict[str, float]]],
     head: dict[str, float] | None,
-) -> dict[str, float]:
+    recovery: dict[str, float] | None,
+    counts: dict[str, float],
+) -> dict[str, Any]:
     """The columns the result tables show, always the same keys (NaN where not applicable).
 
-    ``{model,baseline}_{bin_acc,ce,mse,pearson,mre}``, ``n_masked``,
-    ``probe_{cls,mean,pca}_{logreg,knn}_{accuracy,macro_f1}`` (``pca`` is the baseline),
-    ``head_{accuracy,macro_f1}``.
+    * ``n_masked``, ``n_masked_nonzero``, ``n_parameters``;
+    * expression space (comparable across grid points): ``{model,mean,ridge,knn}_<m>`` with
+      ``_lo``/``_hi`` (95% bootstrap interval) for every ``m`` in
+      :data:`evoformer.metrics.EXPR_METRICS`; ``best_baseline_<m>`` (its name) and
+      ``diff_<m>`` = model - that baseline, with ``_lo``/``_hi``;
+    * bin space (not comparable across n_bins or loss): ``{model,mean}_bin_{acc,ce,mse,pearson,mre}``;
+    * ``grn_{model,ridge,random}_auprc`` (NaN without a known network);
+    * ``probe_{cls,mean,pca}_{logreg,knn}_{accuracy,macro_f1}`` (``pca`` is the baseline),
+      ``head_{accuracy,macro_f1}``.
     """
-    out: dict[str, float] = {"n_masked": int(masked["model"]["n"])}
-    for who in ("model", "baseline"):
+    out: dict[str, Any] = dict(counts)
+    for who in PREDICTORS:
+        for m in EXPR_METRICS:
+            iv = expression[who][m]
+            out[f"{who}_{m}"] = iv["value"]
+            out[f"{who}_{m}_lo"] = iv["lo"]
+            out[f"{who}_{m}_hi"] = iv["hi"]
+    for m in EXPR_METRICS:
+        best = strongest[m]
+        iv = expression[f"diff:{best}"][m]
+        out[f"best_baseline_{m}"] = best
+        out[f"diff_{m}"] = iv["value"]
+        out[f"diff_{m}_lo"] = iv["lo"]
+        out[f"diff_{m}_hi"] = iv["hi"]
+    for who in ("model", "mean"):
         for m in VALUE_METRICS:
-            out[f"{who}_{m}"] = masked[who][m]
+            name = m if m == "bin_acc" else f"bin_{m}"
+            out[f"{who}_{name}"] = bin_space[who][m]
+    rec = recovery or {}
+    for who in ("model", "ridge", "random"):
+        out[f"grn_{who}_auprc"] = rec.get(f"{who}_auprc", math.nan)
     for rep in PROBE_REPS:
         for clf in PROBE_CLASSIFIERS:
             for m in ("accuracy", "macro_f1"):

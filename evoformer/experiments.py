@@ -1,4 +1,5 @@
-"""Experiments: the base experiment of config.yaml, expanded over the sweep grid.
+"""Experiments: the base experiment of config.yaml, expanded over the sweep grid, and every check
+that must pass before any job starts.
 
 The config holds one base experiment and a grid::
 
@@ -7,16 +8,22 @@ The config holds one base experiment and a grid::
       n_hvg: 64          # preprocessing variant: results/<dataset>/hvg<n_hvg>/bins<n_bins>/
       n_bins: 11
       model: {preset: bioformer, c_m: 32, ln_order: pre, ...}   # evoformer.model.ModelConfig
-      train: {lr: 1e-3, seed: 0, ...}                          # evoformer.train_config.TrainConfig
+      train: {lr: 1.0e-3, seed: 0, ...}                        # evoformer.train_config.TrainConfig
     sweep:
       n_bins: [11, 21]
-      ln_order: [pre, post]
+      preset: [none, bioformer]
 
 A sweep key names a key of ``experiment`` (``n_hvg``, ``n_bins``), of ``experiment.model``
-(``ln_order``, ``c_z``, ``c_opm``, ...) or of ``experiment.train`` (``lr``, ``seed``, ...);
-the grid is the Cartesian product. Every grid point is a row of a table whose columns are
-``n_hvg``, ``n_bins`` and the sweep keys, which Snakemake's ``Paramspace`` turns into readable
-paths such as ``n_hvg~64/n_bins~11/ln_order~pre``.
+(``preset``, ``ln_order``, ``c_z``, ...) or of ``experiment.train`` (``lr``, ``seed``, ...); the
+grid is the Cartesian product. Every grid point is a row of a table whose columns are ``n_hvg``,
+``n_bins`` and the sweep keys, which Snakemake's ``Paramspace`` turns into readable paths such as
+``n_hvg~64/n_bins~11/ln_order~pre`` - so sweep values that are strings are restricted to
+``[A-Za-z0-9_.+-]`` (never ``.`` or ``..``) and can never leave ``results/``.
+
+:func:`check` runs at DAG time (the Snakefile calls it for every target): it builds every grid
+point's :class:`~evoformer.train_config.RunSpec` (all types and values), the evaluation
+settings, the batch arithmetic for the process counts, the split sizes and the selection metric,
+and raises :class:`~evoformer.errors.InputError` with one line naming the key.
 """
 
 from __future__ import annotations
@@ -25,16 +32,22 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
+import re
 from typing import Any
 
 import pandas as pd
 
 from evoformer.errors import InputError
 from evoformer.model import ModelConfig
-from evoformer.train_config import TrainConfig
+from evoformer.train_config import BIN_SPACE_METRICS, VALIDATION_METRICS, RunSpec, TrainConfig
 
 #: Keys that choose the preprocessing variant; always columns of the grid.
 DATA_KEYS = ("n_hvg", "n_bins")
+#: Sweep values that are strings become path parts: this much and no more.
+SAFE_VALUE = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.+-]+$")
+#: Grid keys that make bin-space validation metrics incomparable between grid points.
+BIN_SPACE_KEYS = ("n_bins", "loss", "label_head")
 
 
 def _section_of(key: str) -> str:
@@ -51,8 +64,22 @@ def _section_of(key: str) -> str:
         return "train"
     raise InputError(
         f"config key 'sweep.{key}' is not an experiment key (n_hvg, n_bins, a model key such as "
-        f"ln_order/c_z/c_opm, or a train key such as lr/seed)"
+        f"preset/ln_order/c_z/c_opm, or a train key such as lr/seed)"
     )
+
+
+def _check_value(key: str, value: Any) -> None:
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"config key 'sweep.{key}': {value!r} is not a finite number")
+        return
+    if not isinstance(value, str) or not SAFE_VALUE.match(value):
+        raise InputError(
+            f"config key 'sweep.{key}': value {value!r} becomes part of a results path; use only "
+            "letters, digits and _ . + - (not '.' or '..')"
+        )
 
 
 def grid(config: dict[str, Any]) -> pd.DataFrame:
@@ -63,6 +90,8 @@ def grid(config: dict[str, Any]) -> pd.DataFrame:
         _section_of(key)
         if not isinstance(values, list) or not values:
             raise InputError(f"config key 'sweep.{key}' must be a non-empty list of values")
+        for v in values:
+            _check_value(key, v)
         if len(set(map(repr, values))) != len(values):
             raise InputError(f"config key 'sweep.{key}' lists a value twice")
     base = {k: exp[k] for k in DATA_KEYS}
@@ -72,11 +101,17 @@ def grid(config: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=keys)
 
 
-def spec(config: dict[str, Any], point: dict[str, Any], fold: int | str) -> dict[str, Any]:
-    """Plain-typed training spec for one grid point and fold (what the train rule passes on).
+def run_spec(
+    config: dict[str, Any],
+    point: dict[str, Any],
+    fold: int | str,
+    final_epochs: float | None = None,
+) -> RunSpec:
+    """The typed training spec of one grid point and fold.
 
     fold: an int k >= 0 (cross-validation fold k), ``"holdout"`` (train on the train split,
-    validate on val) or ``"final"`` (train on train+val, the retrain of the selected point).
+    validate on val) or ``"final"`` (train on train+val, the retrain of the selected point, for
+    ``final_epochs`` epochs when CV chose them by early stopping).
     """
     exp = config["experiment"]
     model = dict(exp.get("model") or {})
@@ -87,15 +122,28 @@ def spec(config: dict[str, Any], point: dict[str, Any], fold: int | str) -> dict
             model[key] = _plain(value)
         elif section == "train":
             train[key] = _plain(value)
-    ModelConfig.from_dict(model)  # fail early, at DAG building, on a bad key
-    TrainConfig.from_dict(train)
-    return {
-        "model": model,
-        "train": train,
-        "fold": fold if isinstance(fold, int) else -1,
-        "final": fold == "final",
-        "prior": exp.get("prior"),
-    }
+    evaluation = config.get("evaluation") or {}
+    return RunSpec.from_dict(
+        {
+            "model": model,
+            "train": train,
+            "fold": fold if isinstance(fold, int) else -1,
+            "final": fold == "final",
+            "prior": exp.get("prior"),
+            "val_mask_ratio": evaluation.get("mask_ratio", 0.15),
+            "final_epochs": final_epochs if fold == "final" else None,
+        }
+    )
+
+
+def spec(
+    config: dict[str, Any],
+    point: dict[str, Any],
+    fold: int | str,
+    final_epochs: float | None = None,
+) -> dict[str, Any]:
+    """:func:`run_spec` as plain types (what the train rule passes on as JSON)."""
+    return run_spec(config, point, fold, final_epochs).to_dict()
 
 
 def config_hash(obj: Any) -> str:
@@ -103,11 +151,100 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def cv_enabled(config: dict[str, Any]) -> bool:
+    return bool((config.get("cv") or {}).get("enabled"))
+
+
 def folds(config: dict[str, Any]) -> list[int | str]:
     """The training runs of each grid point: CV folds 0..k-1, or ``["holdout"]`` without CV."""
-    if (config.get("cv") or {}).get("enabled") and config["split"].get("n_folds", 0) >= 2:
+    if cv_enabled(config) and config["split"].get("n_folds", 0) >= 2:
         return list(range(int(config["split"]["n_folds"])))
     return ["holdout"]
+
+
+def selection_metric(config: dict[str, Any]) -> str:
+    return (config.get("cv") or {}).get("selection_metric", "val_expr_mse")
+
+
+def check(config: dict[str, Any], n_cells_by_label: dict[str, int] | None = None) -> None:
+    """Every check that can run before any job starts (see the module docstring).
+
+    ``n_cells_by_label``: the dataset's cells per label (one key when it is unlabelled or the
+    split is not stratified), when known without running a job; enables the split-size checks.
+    """
+    from evoformer.data.split import split_sizes
+    from evoformer.evaluate import EvalParams
+
+    EvalParams.from_dict(config.get("evaluation"), "evaluation")
+    metric = selection_metric(config)
+    if metric not in VALIDATION_METRICS:
+        raise InputError(
+            f"config key 'cv.selection_metric': {metric!r} is not a validation metric "
+            f"({', '.join(VALIDATION_METRICS)})"
+        )
+    points = grid(config).to_dict("records")
+    runs = folds(config)
+    specs = [run_spec(config, point, runs[0]) for point in points]
+    memory = config.get("memory") or {}
+    processes = {
+        "train.cpu_processes": lambda s: s.train.cpu_processes,
+        "memory.n_gpus": lambda s: int(memory.get("n_gpus", 1)),
+    }
+    for point, s in zip(points, specs, strict=True):
+        t = s.train
+        for what, count in processes.items():
+            per_step = t.micro_batch_size * count(s)
+            if t.global_batch_size % per_step:
+                raise InputError(
+                    f"config key 'experiment.train.global_batch_size' ({t.global_batch_size}) is "
+                    f"not a multiple of micro_batch_size x processes ({t.micro_batch_size} x "
+                    f"{count(s)} from {what}){_at(point)}"
+                )
+    split = config.get("split") or {}
+    fractions = split.get("fractions", {"train": 0.8, "val": 0.1, "test": 0.1})
+    if fractions.get("test", 0) <= 0:
+        raise InputError("config key 'split.fractions.test': must be > 0 (the model is evaluated)")
+    if fractions.get("val", 0) <= 0 and runs == ["holdout"]:
+        raise InputError(
+            "config key 'split.fractions.val': must be > 0 without cross-validation (early "
+            "stopping and the best weights need validation cells); or set cv.enabled: true"
+        )
+    if runs != ["holdout"] and metric in BIN_SPACE_METRICS:
+        varying = [k for k in BIN_SPACE_KEYS if _varies(k, points, specs)]
+        if varying:
+            raise InputError(
+                f"config key 'cv.selection_metric': {metric} is a bin-space metric, not comparable "
+                f"across grid points that differ in {', '.join(varying)}; use an expression-space "
+                "metric such as val_expr_mse"
+            )
+    if n_cells_by_label:
+        sizes = split_sizes(n_cells_by_label, fractions, int(split.get("n_folds", 0)))
+        for name in ("train", "test") + (("val",) if runs == ["holdout"] else ()):
+            if sizes[name] == 0:
+                raise InputError(
+                    f"config key 'split.fractions.{name}': leaves no {name} cells among the "
+                    f"{sum(n_cells_by_label.values())} cells of dataset "
+                    f"'{config['experiment']['dataset']}'"
+                )
+        n_train = sizes["train"] if runs == ["holdout"] else sizes["smallest_fold_train"]
+        for point, s in zip(points, specs, strict=True):
+            if s.train.global_batch_size > n_train:
+                raise InputError(
+                    f"config key 'experiment.train.global_batch_size' ({s.train.global_batch_size}) "
+                    f"exceeds the {n_train} training cells of a run{_at(point)}"
+                )
+
+
+def _varies(key: str, points: list[dict[str, Any]], specs: list[RunSpec]) -> bool:
+    if key == "n_bins":
+        return len({p["n_bins"] for p in points}) > 1
+    if key == "loss":
+        return len({s.model.loss for s in specs}) > 1
+    return len({getattr(s.train, key) for s in specs}) > 1
+
+
+def _at(point: dict[str, Any]) -> str:
+    return " at grid point " + ", ".join(f"{k}={v}" for k, v in point.items()) if point else ""
 
 
 def _plain(value: Any) -> Any:

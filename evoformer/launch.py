@@ -13,6 +13,11 @@
 The launcher ignores SIGUSR1 (Slurm's warning before the time limit, sent to every process of
 the job step) so that only the training processes react to it by checkpointing; SIGTERM is
 forwarded to the workers by torchrun itself.
+
+No orphans: the launcher watches the Snakemake process that started it (its nearest ancestor
+running snakemake; without one, its parent) and sends itself SIGTERM when that process is gone
+(``kill -9`` of Snakemake): torchrun passes it on, the workers checkpoint and stop. The workers
+in turn die with the launcher (``evoformer.train.die_with_parent``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import torch
 
@@ -80,6 +87,51 @@ def torchrun_args(cpu_processes: int, env: dict[str, str]) -> list[str]:
     return args
 
 
+def is_snakemake(cmdline: list[str]) -> bool:
+    """``snakemake ...``, ``python .../bin/snakemake ...`` or ``python -m snakemake ...`` (not a
+    shell whose script path or command text merely contains the word)."""
+    names = [os.path.basename(c) for c in cmdline[:3]]
+    if names and names[0] == "snakemake":
+        return True
+    if len(names) < 2 or not names[0].startswith("python"):
+        return False
+    return names[1] == "snakemake" or names[1:3] == ["-m", "snakemake"]
+
+
+def watched_ancestor() -> tuple[int, float] | None:
+    """(pid, create time) of the nearest ancestor running snakemake, else of the parent."""
+    import psutil
+
+    try:
+        me = psutil.Process()
+        parent = me.parent()
+        for proc in me.parents():
+            if is_snakemake(proc.cmdline()):
+                return proc.pid, proc.create_time()
+        return (parent.pid, parent.create_time()) if parent is not None else None
+    except psutil.Error:
+        return None
+
+
+def stop_when_gone(pid: int, created: float, interval_s: float = 2.0) -> None:
+    """Daemon thread: SIGTERM to this process once ``pid`` (started at ``created``) is gone."""
+    import psutil
+
+    def alive() -> bool:
+        try:
+            return psutil.Process(pid).create_time() == created
+        except psutil.Error:
+            return False
+
+    def watch() -> None:
+        while alive():
+            time.sleep(interval_s)
+        log.warning("process %d that started this training is gone: stopping the training", pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="watch-ancestor", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv:
@@ -92,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.INFO, format="%(asctime)s launch %(message)s", stream=sys.stderr
     )
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    ancestor = watched_ancestor()
+    if ancestor is not None:
+        stop_when_gone(*ancestor)
     cmd = torchrun_args(a.cpu_processes, dict(os.environ))
     from torch.distributed.run import main as torchrun_main
 

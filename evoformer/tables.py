@@ -21,6 +21,9 @@ Outputs:
   stand in (one "fold", std NA).
 * ``performance.tsv``: speed, step times and peak memory per record: measurements that vary from
   run to run, kept out of the two tables above.
+* ``summary.md``: per evaluated model and expression-space metric, the model, the strongest
+  baseline and their difference with its 95% bootstrap interval, and which is better, in
+  sentences; then the CV selection.
 * ``metric_vs_key.png`` (selection metric vs each sweep key, CV error bars) and
   ``learning_curves.png`` (training and validation loss of every run overlaid).
 
@@ -69,9 +72,13 @@ PERFORMANCE_FIELDS = (
     "precision",
     "grad_accumulation",
     "final_loss",
+    "n_parameters",
+    "selected_step",
+    "stopped_early",
 )
 SYSTEM_FIELDS = ("world_size", "hostname", "slurm_job_id")
 OUTPUT_NAMES = {
+    "summary": "summary.md",
     "metrics": "metrics.tsv",
     "cv_summary": "cv_summary.tsv",
     "performance": "performance.tsv",
@@ -289,12 +296,25 @@ def metrics_table(
     rows = []
     for r in recs:
         row: dict[str, Any] = {"id": r.id, **r.point, "fold": r.fold}
+        row["n_parameters"] = r.perf.get("n_parameters")
+        row["selected_step"] = r.perf.get("selected_step")
         row.update(r.val_metrics())
         row["train_loss"] = r.train_loss()
         row.update(r.eval.get("metrics", {}))
         row.update(provenance_of(r, provenance))
         rows.append(row)
-    cols = ["id", *sweep_keys, "fold", *val_cols, "train_loss", *eval_cols, *PROVENANCE_COLUMNS]
+    eval_cols = [c for c in eval_cols if c not in ("n_parameters",)]
+    cols = [
+        "id",
+        *sweep_keys,
+        "fold",
+        "n_parameters",
+        "selected_step",
+        *val_cols,
+        "train_loss",
+        *eval_cols,
+        *PROVENANCE_COLUMNS,
+    ]
     return cols, rows
 
 
@@ -320,10 +340,132 @@ def lower_is_better(metric: str) -> bool:
     return bool(tokens & {"loss", "error", "mse", "mre", "ce", "nll"})
 
 
+# ----------------------------------------------------------------------------- summary
+METRIC_NAMES = {
+    "expr_mse": "masked expression MSE (all masked values)",
+    "expr_mse_nonzero": "masked expression MSE on non-zero values",
+    "expr_pearson": "Pearson correlation of predicted and true masked values",
+    "expr_pearson_nonzero": "Pearson correlation on non-zero masked values",
+    "expr_auroc_zero": "AUROC for telling zero from non-zero masked values",
+    "expr_gene_pearson": "per-gene Pearson correlation across test cells (mean over genes)",
+}
+BASELINE_NAMES = {
+    "mean": "the per-gene mean of the training cells",
+    "ridge": "ridge co-expression (each gene from the cell's other genes)",
+    "knn": "kNN (mean of the nearest training cells on the observed genes)",
+}
+
+
+def _g4(v: Any) -> str:
+    v = _float(v)
+    return "NA" if math.isnan(v) else f"{v:.4g}"
+
+
+def _ci(m: dict[str, Any], key: str) -> str:
+    lo, hi = _float(m.get(f"{key}_lo")), _float(m.get(f"{key}_hi"))
+    if math.isnan(lo) or math.isnan(hi):
+        return "no interval"
+    return f"95% CI {lo:.4g} to {hi:.4g}"
+
+
+def verdict(diff_lo: float, diff_hi: float, lower_better: bool) -> str:
+    """Which side a paired difference (model - baseline) and its interval favour."""
+    if math.isnan(diff_lo) or math.isnan(diff_hi):
+        return "undecided (no interval)"
+    model_better = diff_hi < 0 if lower_better else diff_lo > 0
+    base_better = diff_lo > 0 if lower_better else diff_hi < 0
+    if model_better:
+        return "the model is better"
+    if base_better:
+        return "the baseline is better"
+    return "no clear difference (the interval includes 0)"
+
+
+def summary_markdown(
+    recs: list[Record],
+    sweep_keys: list[str],
+    cv_rows: list[dict[str, Any]],
+    selection_metric: str,
+    provenance: dict[str, Any],
+) -> str:
+    """``summary.md``: what the tables say, in sentences (see the module docstring)."""
+    from evoformer.metrics import EXPR_METRICS, LOWER_IS_BETTER
+
+    lines = [
+        "# Results summary",
+        "",
+        f"Commit `{provenance.get('git_commit') or 'unknown'}`. Every number is on held-out test "
+        "cells, on the same masked positions for the model and the baselines (log1p expression); "
+        "intervals are 95% bootstrap intervals over test cells, differences are paired "
+        "(model minus baseline). Baselines are fitted on the model's training cells only.",
+        "",
+    ]
+    evaluated = [r for r in recs if r.eval.get("metrics")]
+    if not evaluated:
+        lines.append("No model was evaluated on the test cells.")
+    for r in evaluated:
+        m = r.eval["metrics"]
+        where = (
+            "final retrain of the CV-selected grid point" if r.fold == "final" else "holdout run"
+        )
+        lines += [f"## {_label(r.point, sweep_keys)} ({where})", ""]
+        n_params = m.get("n_parameters")
+        lines.append(
+            f"{int(_float(m.get('n_masked')) or 0)} masked values in the test cells "
+            f"({int(_float(m.get('n_masked_nonzero')) or 0)} non-zero); model parameters: "
+            f"{fmt(n_params)}."
+        )
+        lines.append("")
+        wins = losses = 0
+        for metric in EXPR_METRICS:
+            if f"model_{metric}" not in m:
+                continue
+            best = m.get(f"best_baseline_{metric}", "mean")
+            low = LOWER_IS_BETTER[metric]
+            v = verdict(_float(m.get(f"diff_{metric}_lo")), _float(m.get(f"diff_{metric}_hi")), low)
+            wins += v == "the model is better"
+            losses += v == "the baseline is better"
+            lines.append(
+                f"- **{METRIC_NAMES.get(metric, metric)}** ({'lower' if low else 'higher'} is "
+                f"better): the model scores {_g4(m.get(f'model_{metric}'))} "
+                f"({_ci(m, f'model_{metric}')}); the strongest baseline, "
+                f"{BASELINE_NAMES.get(best, best)}, scores {_g4(m.get(f'{best}_{metric}'))} "
+                f"({_ci(m, f'{best}_{metric}')}). Difference {_g4(m.get(f'diff_{metric}'))} "
+                f"({_ci(m, f'diff_{metric}')}): {v}."
+            )
+        lines += [
+            "",
+            f"Overall: the model beats the strongest baseline on {wins} of the "
+            f"{len(EXPR_METRICS)} metrics and loses on {losses}.",
+            "",
+        ]
+        auprc = _float(m.get("grn_model_auprc"))
+        if not math.isnan(auprc):
+            lines += [
+                f"Network recovery (AUPRC against the known network): model attention "
+                f"{auprc:.3g}, ridge coefficients {_float(m.get('grn_ridge_auprc')):.3g}, "
+                f"random {_float(m.get('grn_random_auprc')):.3g}.",
+                "",
+            ]
+    if cv_rows:
+        lines += ["## Model selection", ""]
+        ranked = sorted((r for r in cv_rows if r.get("rank")), key=lambda r: r["rank"])
+        for row in ranked:
+            mean = _float(row.get(f"{selection_metric}_mean"))
+            std = _float(row.get(f"{selection_metric}_std"))
+            lines.append(
+                f"{row['rank']}. {_label(row, sweep_keys)}: {selection_metric} {_g4(mean)}"
+                + (f" ± {_g4(std)} over {row['n_folds']} folds" if not math.isnan(std) else "")
+                + (" (selected)" if row.get("selected") else "")
+            )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def cv_summary(
     recs: list[Record],
     sweep_keys: list[str],
-    selection_metric: str = "val_loss",
+    selection_metric: str = "val_expr_mse",
     higher_is_better: bool | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> tuple[list[str], list[dict[str, Any]]]:
@@ -396,7 +538,7 @@ def cv_summary(
 def select_best(
     records: list[dict[str, Any]],
     sweep_keys: list[str],
-    selection_metric: str = "val_loss",
+    selection_metric: str = "val_expr_mse",
     higher_is_better: bool | None = None,
 ) -> dict[str, Any] | None:
     """The selected grid point (sweep key -> value) of the CV records; None if none qualifies.
@@ -409,6 +551,30 @@ def select_best(
         if row["selected"]:
             return {k: row[k] for k in sweep_keys}
     return None
+
+
+def selection(
+    records: list[dict[str, Any]],
+    sweep_keys: list[str],
+    selection_metric: str = "val_expr_mse",
+) -> dict[str, Any] | None:
+    """What the ``cv_select`` checkpoint writes: ``selected`` (the grid point),
+    ``selection_metric`` and ``final_epochs``, the mean over the selected point's folds of the
+    epochs at which early stopping kept its weights (the final retrain trains that long; None
+    when the runs do not report it). None when no grid point qualifies."""
+    selected = select_best(records, sweep_keys, selection_metric)
+    if selected is None:
+        return None
+    recs = load_records(records, sweep_keys)
+    chosen = [r for r in recs if r.point == selected and r.is_cv]
+    epochs = [_float(r.perf.get("selected_epochs")) for r in chosen]
+    epochs = [e for e in epochs if not math.isnan(e)]
+    return {
+        "selected": selected,
+        "selection_metric": selection_metric,
+        "final_epochs": round(float(np.mean(epochs)), 6) if epochs else None,
+        "fold_epochs": epochs,
+    }
 
 
 def read_selected(path: str | os.PathLike, sweep_keys: list[str]) -> dict[str, str] | None:
@@ -487,9 +653,12 @@ def _num(s: str) -> Any:
         return s
 
 
-def plot_learning_curves(recs: list[Record], sweep_keys: list[str], path: Path) -> None:
-    """Training loss (left) and validation loss (right) vs optimizer step for every run; one
-    colour per grid point, one line per fold (the final retrain dashed)."""
+def plot_learning_curves(
+    recs: list[Record], sweep_keys: list[str], path: Path, metric: str = "val_expr_mse"
+) -> None:
+    """Training loss (left, bin space) and the validation ``metric`` (right: the selection
+    metric, comparable across grid points) vs optimizer step for every run; one colour per grid
+    point, one line per fold (the final retrain dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -511,13 +680,14 @@ def plot_learning_curves(recs: list[Record], sweep_keys: list[str], path: Path) 
         colour = colours(ci % 10)
         if len(tr):
             ax_tr.plot(tr["step"], tr["loss"], style, color=colour, alpha=0.8, lw=1, label=label)
-        if len(va) and "val_loss" in va:
-            ax_va.plot(va["step"], va["val_loss"], style, marker="o", ms=3, color=colour, alpha=0.8)
-    ax_tr.set_title("training loss")
-    ax_va.set_title("validation loss")
+        if len(va) and metric in va:
+            ax_va.plot(va["step"], va[metric], style, marker="o", ms=3, color=colour, alpha=0.8)
+    ax_tr.set_title("training loss (bin space)")
+    ax_va.set_title(f"validation {metric}")
     for ax in (ax_tr, ax_va):
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("masked-value loss")
+    ax_tr.set_ylabel("masked-value loss")
+    ax_va.set_ylabel(metric)
     if labelled:
         ax_tr.legend(fontsize="x-small")
     fig.tight_layout()
@@ -532,7 +702,7 @@ def build_tables(
     sweep_keys: list[str],
     out_dir: str | os.PathLike,
     provenance: dict[str, Any] | None = None,
-    selection_metric: str = "val_loss",
+    selection_metric: str = "val_expr_mse",
     higher_is_better: bool | None = None,
     outputs: dict[str, str | os.PathLike] | None = None,
 ) -> dict[str, Path]:
@@ -544,7 +714,7 @@ def build_tables(
         out_dir: folder of the default output names (:data:`OUTPUT_NAMES`).
         provenance: ``git_commit`` (required for a meaningful column; the caller runs git) and
             fallbacks ``evoformer_version``, ``torch``, ``scanpy``, ``device``.
-        selection_metric: validation metric the CV selection ranks by (``val_loss``).
+        selection_metric: validation metric the CV selection ranks by (``val_expr_mse``).
         higher_is_better: direction; None = inferred (losses/errors lower).
         outputs: explicit paths for any of the keys of :data:`OUTPUT_NAMES`.
 
@@ -568,9 +738,11 @@ def build_tables(
         "cv_summary": cv_summary(recs, sweep_keys, selection_metric, higher_is_better, provenance),
         "performance": performance_table(recs, sweep_keys, provenance),
     }
+    cv_rows = tables["cv_summary"][1]
+    summary = summary_markdown(recs, sweep_keys, cv_rows, selection_metric, provenance)
     for key, (cols, rows) in tables.items():
         write_tsv(paths[key], cols, rows)
-    cv_rows = tables["cv_summary"][1]
+    write_text_atomic(paths["summary"], summary)
     plot_metric_vs_key(cv_rows, sweep_keys, [selection_metric], paths["metric_plot"])
-    plot_learning_curves(recs, sweep_keys, paths["learning_curves"])
+    plot_learning_curves(recs, sweep_keys, paths["learning_curves"], selection_metric)
     return paths

@@ -1,7 +1,8 @@
 """Train one BioFormer experiment on binned single-cell data, on 1..N processes (DDP).
 
-Read top to bottom: settings -> distributed setup -> data -> model/optimizer -> resume ->
-training loop (validation each epoch, checkpoints, signals) -> final outputs.
+Read top to bottom: data (cells -> micro-batches) -> distributed helpers -> the checkpoint
+folder -> :class:`Trainer` (set-up, data, model and optimizer, resume, the loop, validation and
+early stopping, checkpoints, outputs) -> :func:`main`.
 
 Launched by ``python -m evoformer.launch`` (a thin wrapper around ``torchrun``) from the
 ``train`` rule; also runs as a single process without torchrun::
@@ -10,23 +11,31 @@ Launched by ``python -m evoformer.launch`` (a thin wrapper around ``torchrun``) 
         --spec '{"model": {...}, "train": {...}, "fold": -1, "final": false}' \
         --out results/pbmc68k/<exp>/train --ckpt-dir checkpoints/<exp>
 
-Outputs (``--out``): ``model.pt`` (final weights + resolved config), ``metrics.tsv`` (one row per
-logged step and per validation), ``learning_curve.png``, ``performance_summary.json`` and
-``run_info.json`` (world size, devices, Slurm job id). The peak memory in the summary is
+Outputs (``--out``): ``model.pt`` (the weights with the best validation ``train.monitor``, or the
+last ones without validation, + resolved config), ``metrics.tsv`` (one row per logged step and per
+validation), ``learning_curve.png``, ``performance_summary.json`` and ``run_info.json`` (world size,
+devices, Slurm job id, the selected step). The peak memory in the summary is
 ``torch.cuda.max_memory_allocated`` on GPU and, on CPU, the profiler's allocator peak of one
 training step (``peak_memory_source``: ``profiler``; the process RSS is kept beside it). With
 ``--preflight`` (the pre-flight's ``preflight.json``) a micro-batch the pre-flight lowered
 (``memory.auto_micro_batch``) replaces the configured one. With ``train.memory_snapshot`` on
-GPU, ``memory_snapshot.pickle`` holds the allocator history of the first steps. Checkpoints
-live in ``--ckpt-dir``, a folder the rule does not declare as output, so Snakemake's cleanup
-of a failed job keeps them; a rerun resumes from ``last.pt`` and bit-for-bit continues the
-interrupted run.
+GPU, ``memory_snapshot.pickle`` holds the allocator history of the first steps.
+
+Checkpoints live in ``--ckpt-dir`` (a folder the rule does not declare as output, so Snakemake's
+cleanup of a failed job keeps them): ``last.pt`` (resume; a rerun continues the interrupted run
+bit for bit), ``best.pt`` (the best weights so far) and ``lock`` (held by rank 0 for the whole
+run: a second training on the same folder stops at once, naming the holder). A checkpoint
+written for other settings is moved aside (``last.<hash>.pt``) and training starts afresh; a
+corrupt one stops the run with its path.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import datetime
+import fcntl
 import gc
 import hashlib
 import json
@@ -39,6 +48,7 @@ import resource
 import signal
 import socket
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -52,13 +62,25 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from evoformer.data.arrays import BinnedData
 from evoformer.errors import InputError
-from evoformer.io import atomic_path, write_text_atomic
+from evoformer.io import atomic_path, save_torch_atomic, write_text_atomic
 from evoformer.memory.measured import record_cpu_peak
-from evoformer.model import BioFormer, ModelConfig, apply_value_mask, load_prior_network
-from evoformer.train_config import TrainConfig
+from evoformer.metrics import bin_values, metrics_from_sums, moment_sums
+from evoformer.model import (
+    BioFormer,
+    apply_value_mask,
+    count_parameters,
+    fixed_mask,
+    load_prior_network,
+    mask_generator,
+)
+from evoformer.train_config import RunSpec, TrainConfig, lower_is_better
 
 log = logging.getLogger("evoformer.train")
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+#: ``mask_generator`` tag of the validation masks (training uses epochs >= 0, evaluation -2).
+VAL_MASK_TAG = -1
+#: Seed of the validation masks: fixed, so every grid point is validated on the same positions.
+VAL_MASK_SEED = 0
 
 
 # ----------------------------------------------------------------------------- data
@@ -78,8 +100,9 @@ class CellBatches:
     def __len__(self) -> int:
         return len(self.groups)
 
-    def batch(self, items: list[int] | np.ndarray) -> dict[str, torch.Tensor]:
-        """Batch for group indices ``items``: gene_ids/values/pad_mask [B, S, L], labels [B, S]."""
+    def batch(self, items: list[int] | np.ndarray, truth: bool = False) -> dict[str, torch.Tensor]:
+        """Batch for group indices ``items``: gene_ids/values/pad_mask [B, S, L], labels [B, S];
+        with ``truth`` also ``expression [B, S, L]`` (log1p values) and ``edges [B, S, K-1]``."""
         rows = self.groups[np.asarray(items)]  # [B, S]
         flat = np.sort(rows.ravel())  # sorted reads are kinder to the page cache
         order = np.argsort(np.argsort(rows.ravel()))
@@ -90,13 +113,60 @@ class CellBatches:
         )
         b, s = rows.shape
         gene_index = torch.as_tensor(np.asarray(gene_index, dtype=np.int64)).view(b, s, -1)
-        pad_mask = gene_index >= 0
-        return {
+        out = {
             "gene_ids": gene_index.clamp(min=0),
             "values": torch.as_tensor(values).view(b, s, -1),
-            "pad_mask": pad_mask,
+            "pad_mask": gene_index >= 0,
             "labels": torch.as_tensor(self.labels[rows]),
         }
+        if truth:
+            expr = np.asarray(self.data.expression[flat], dtype=np.float32)[order]
+            edges = np.asarray(self.data.edges[flat], dtype=np.float32)[order]
+            out["expression"] = torch.as_tensor(expr).view(b, s, -1)
+            out["edges"] = torch.as_tensor(edges).view(b, s, -1)
+        return out
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """The masked micro-batches of one epoch, as a map-style dataset for a ``DataLoader``.
+
+    ``plan[i] = (items, step, micro)``: group indices of micro-batch ``i`` and where it sits in
+    training; its mask comes from ``mask_generator(seed, epoch, step, micro, rank)``, so workers,
+    prefetching and resuming mid-epoch do not change it.
+    """
+
+    def __init__(
+        self,
+        cells: CellBatches,
+        plan: list[tuple[np.ndarray, int, int]],
+        cfg: TrainConfig,
+        n_bins: int,
+        epoch: int,
+        rank: int,
+        with_labels: bool,
+    ) -> None:
+        self.cells, self.plan, self.cfg = cells, plan, cfg
+        self.n_bins, self.epoch, self.rank, self.with_labels = n_bins, epoch, rank, with_labels
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        items, step, micro = self.plan[i]
+        batch = self.cells.batch(items)
+        gen = mask_generator(self.cfg.seed, self.epoch, step, micro, self.rank)
+        values, loss_mask = apply_value_mask(
+            batch["values"],
+            batch["pad_mask"],
+            self.cfg.mask_ratio,
+            self.n_bins,
+            gen,
+            self.cfg.mask_nonzero_fraction,
+        )
+        batch = {**batch, "values": values, "target": batch["values"], "loss_mask": loss_mask}
+        if not self.with_labels:
+            batch.pop("labels")
+        return batch
 
 
 def select_rows(
@@ -136,18 +206,6 @@ def label_codes(cells: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
     return np.array([code.get(str(x), -1) if pd.notna(x) else -1 for x in lab], np.int64), names
 
 
-def mask_generator(seed: int, *parts: int) -> torch.Generator:
-    """A generator seeded from (seed, parts): masks depend on the position, not on history."""
-    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
-def masked(batch: dict[str, torch.Tensor], ratio: float, n_bins: int, gen: torch.Generator) -> dict:
-    """Add the masked-value task to a batch: ``values`` masked, ``target`` and ``loss_mask``."""
-    values, loss_mask = apply_value_mask(batch["values"], batch["pad_mask"], ratio, n_bins, gen)
-    return {**batch, "values": values, "target": batch["values"], "loss_mask": loss_mask}
-
-
 # ----------------------------------------------------------------------------- distributed
 def setup_distributed(timeout_s: int) -> tuple[int, int, torch.device]:
     """Init the process group from torchrun's env (NCCL on CUDA, gloo on CPU); (rank, world, device)."""
@@ -171,7 +229,37 @@ def all_reduce_(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch
     return t
 
 
-# ----------------------------------------------------------------------------- checkpoints
+def close_distributed() -> None:
+    """Destroy the process group once nothing else holds it.
+
+    Call after dropping the DDP model: its reducer holds the process group, and a gloo group
+    freed through the reducer's Python object is destroyed with the GIL held, which deadlocks
+    with gloo's worker threads freeing the last collective's tensors (they need the GIL).
+    ``destroy_process_group`` frees it with the GIL released.
+    """
+    gc.collect()  # the DDP wrapper may sit in reference cycles
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent (torchrun) dies, so a training
+    process never outlives its launcher (it then checkpoints and stops, as on any SIGTERM)."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- checkpoint folder
 def config_hash(spec: dict[str, Any], data_meta: dict[str, Any], world: int) -> str:
     """What a checkpoint must match to be resumed: model/train config, data shape, world size."""
     key = {"spec": spec, "data": data_meta, "world_size": world, "format": CHECKPOINT_FORMAT}
@@ -197,39 +285,110 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_checkpoint(path: Path, state: dict[str, Any], rank: int, device: torch.device) -> None:
-    """Gather every rank's RNG state and write ``path`` atomically from rank 0."""
-    states = [None] * dist.get_world_size() if dist.is_initialized() else None
-    if states is not None:
-        dist.all_gather_object(states, rng_state(device))
-    else:
-        states = [rng_state(device)]
-    if rank == 0:
-        with atomic_path(path) as tmp:
-            torch.save({**state, "rng": states}, tmp)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_checkpoint(path: Path, expected_hash: str) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if there is one; refuse corrupt or other-config checkpoints."""
-    if not path.exists():
-        return None
+def check_writable(folder: Path, what: str) -> None:
+    """Create ``folder`` and write a probe file in it; InputError naming it if that fails."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+    except OSError as e:
         raise InputError(
-            f"checkpoint {path} is corrupt ({type(e).__name__}); delete it to restart"
+            f"{what} {folder} is not writable ({e.strerror or type(e).__name__})"
         ) from e
-    if not isinstance(ckpt, dict) or ckpt.get("config_hash") != expected_hash:
-        got = ckpt.get("config_hash") if isinstance(ckpt, dict) else None
-        raise InputError(
-            f"checkpoint {path} was written for another configuration (hash {got}, this run "
-            f"{expected_hash}); delete it to restart"
-        )
-    return ckpt
 
 
+class CheckpointFolder:
+    """``last.pt``, ``best.pt`` and the ``lock`` of one training run (see the module docstring)."""
+
+    def __init__(self, path: Path, rank: int) -> None:
+        self.path = Path(path)
+        self.rank = rank
+        self.last = self.path / "last.pt"
+        self.best = self.path / "best.pt"
+        self._lock_file: Any = None
+
+    def lock(self) -> None:
+        """Rank 0 takes an exclusive lock for the run's lifetime (released when it exits)."""
+        if self.rank != 0:
+            return
+        f = open(self.path / "lock", "a+")  # noqa: SIM115 - held open until the process exits
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise InputError(
+                f"checkpoint folder {self.path} is in use by another training ({holder}); "
+                "stop that one (or wait for it) before starting this one"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"PID {os.getpid()} on host {socket.gethostname()}\n")
+        f.flush()
+        self._lock_file = f
+
+    def load(self, expected_hash: str) -> dict[str, Any] | None:
+        """``last.pt`` if it was written for this configuration. One written for another is moved
+        aside to ``last.<its hash>.pt`` (kept) and None returned; a corrupt one stops the run.
+        Every rank reads; only rank 0 moves files (the others wait at a barrier)."""
+        ckpt = None
+        if self.last.exists():
+            try:
+                ckpt = torch.load(self.last, map_location="cpu", weights_only=False)
+            except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+                raise InputError(
+                    f"checkpoint {self.last} is corrupt ({type(e).__name__}); delete it to restart"
+                ) from e
+            got = ckpt.get("config_hash") if isinstance(ckpt, dict) else None
+            if got != expected_hash:
+                ckpt = None
+                if self.rank == 0:
+                    aside = self.path / f"last.{got or 'unknown'}.pt"
+                    os.replace(self.last, aside)
+                    self.best.unlink(missing_ok=True)
+                    log.warning(
+                        "checkpoint %s was written for other settings (hash %s, this run %s): "
+                        "moved to %s, starting afresh",
+                        self.last,
+                        got,
+                        expected_hash,
+                        aside,
+                    )
+        if dist.is_initialized():
+            dist.barrier()
+        return ckpt
+
+    def save(self, state: dict[str, Any], device: torch.device) -> None:
+        """Gather every rank's RNG state and write ``last.pt`` atomically from rank 0."""
+        states = [None] * dist.get_world_size() if dist.is_initialized() else None
+        if states is not None:
+            dist.all_gather_object(states, rng_state(device))
+        else:
+            states = [rng_state(device)]
+        if self.rank == 0:
+            save_torch_atomic({**state, "rng": states}, self.last)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def save_best(self, weights: dict[str, torch.Tensor]) -> None:
+        if self.rank == 0:
+            save_torch_atomic(weights, self.best)
+
+    def load_best(self) -> dict[str, torch.Tensor]:
+        try:
+            return torch.load(self.best, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"checkpoint {self.best} is corrupt ({type(e).__name__})") from e
+
+    def finish(self) -> None:
+        """The run's outputs are written: a later rerun (e.g. new code) starts afresh."""
+        if self.rank == 0:
+            self.last.unlink(missing_ok=True)
+            self.best.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- helpers
 class SignalFlags:
     """SIGUSR1 (Slurm's warning before the time limit): checkpoint and go on.
     SIGTERM: checkpoint and stop. Acted on at the next optimizer-step boundary on every rank."""
@@ -246,15 +405,12 @@ class SignalFlags:
     def _term(self, *_: Any) -> None:
         self.save = self.stop = True
 
-    def agreed(self, device: torch.device) -> tuple[bool, bool]:
-        """(save, stop) agreed across ranks: any rank signalled -> all act at the same step."""
-        t = torch.tensor([float(self.save), float(self.stop)], device=device)
-        all_reduce_(t, dist.ReduceOp.MAX)
+    def take(self) -> tuple[float, float]:
+        flags = float(self.save), float(self.stop)
         self.save = self.stop = False
-        return bool(t[0]), bool(t[1])
+        return flags
 
 
-# ----------------------------------------------------------------------------- helpers
 class LossForward(torch.nn.Module):
     """``forward(batch) = model.loss(batch)``: lets DDP see (and all-reduce) the whole loss graph."""
 
@@ -263,7 +419,7 @@ class LossForward(torch.nn.Module):
         self.model = model
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        return self.model.loss(batch)
+        return self.model.loss_terms(batch)
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -285,26 +441,8 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss"
 
 
-def close_distributed() -> None:
-    """Destroy the process group once nothing else holds it.
-
-    Call after dropping the DDP model: its reducer holds the process group, and a gloo group
-    freed through the reducer's Python object is destroyed with the GIL held, which deadlocks
-    with gloo's worker threads freeing the last collective's tensors (they need the GIL).
-    ``destroy_process_group`` frees it with the GIL released.
-    """
-    gc.collect()  # the DDP wrapper may sit in reference cycles
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def system_info(device: torch.device, world: int) -> dict[str, Any]:
-    info = {
+    return {
         "hostname": socket.gethostname(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -315,410 +453,597 @@ def system_info(device: torch.device, world: int) -> dict[str, Any]:
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_nodelist": os.environ.get("SLURM_JOB_NODELIST"),
     }
-    return info
 
 
-@torch.no_grad()
-def validate(
-    model: torch.nn.Module,
-    cells: CellBatches,
-    cfg: TrainConfig,
-    n_bins: int,
-    rank: int,
-    world: int,
-    device: torch.device,
-    autocast: Any,
-) -> dict[str, float]:
-    """Masked-value loss and bin accuracy on this rank's shard of the validation cells, all-reduced.
-
-    Masks are seeded by batch position, so every validation sees the same masked positions.
-    """
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
-    idx = np.arange(rank, len(cells), world)
-    for i in range(0, len(idx), cfg.micro_batch_size):
-        items = idx[i : i + cfg.micro_batch_size]
-        batch = masked(
-            cells.batch(items), cfg.mask_ratio, n_bins, mask_generator(cfg.seed, -1, int(items[0]))
-        )
-        batch = {k: v.to(device) for k, v in batch.items()}
-        n = batch["loss_mask"].sum().double()
-        with autocast:
-            loss, metrics = model(batch)
-        acc = torch.as_tensor(metrics.get("bin_acc", 0.0), dtype=torch.float64, device=device)
-        sums += torch.stack([loss.double() * n, acc * n, n])
-    all_reduce_(sums)
-    model.train()
-    n = max(sums[2].item(), 1.0)
-    return {"val_loss": sums[0].item() / n, "val_bin_acc": sums[1].item() / n}
-
-
-def plot_learning_curve(metrics: pd.DataFrame, path: Path) -> None:
+def plot_learning_curve(metrics: pd.DataFrame, monitor: str, path: Path) -> None:
+    """Training and validation loss (left) and the monitored validation metric (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    tr = metrics[metrics["kind"] == "train"]
-    va = metrics[metrics["kind"] == "val"]
-    ax.plot(tr["step"], tr["loss"], label="train loss")
+    fig, (ax, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    tr = metrics[metrics["kind"] == "train"] if "kind" in metrics else metrics.iloc[:0]
+    va = metrics[metrics["kind"] == "val"] if "kind" in metrics else metrics.iloc[:0]
+    if len(tr):
+        ax.plot(tr["step"], tr["loss"], label="train loss")
     if len(va):
         ax.plot(va["step"], va["val_loss"], "o-", label="validation loss")
+        ax_m.plot(va["step"], va[monitor], "o-", color="C2")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("masked-value loss")
+    ax.set_ylabel("masked-value loss (bin space)")
     ax.legend()
+    ax_m.set_xlabel("optimizer step")
+    ax_m.set_ylabel(monitor + " (expression space)" if "expr" in monitor else monitor)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- main
-def train(binned: Path, split_path: Path, spec: dict[str, Any], out: Path, ckpt_dir: Path) -> None:
-    """Run (or resume) one training run; see the module docstring for inputs and outputs."""
-    cfg = TrainConfig.from_dict(spec.get("train"))
-    model_cfg = ModelConfig.from_dict(spec.get("model"))
-    fold, final = int(spec.get("fold", -1)), bool(spec.get("final", False))
+# ----------------------------------------------------------------------------- the trainer
+class Trainer:
+    """One training run: ``Trainer(...).run()``. The constructor does the set-up (settings,
+    processes, data, model and optimizer, resume); :meth:`run` is the loop and the outputs."""
 
-    rank, world, device = setup_distributed(cfg.dist_timeout_s)
-    accum = cfg.grad_accumulation(world)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    precision = (
-        cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    )
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    )
-    if rank == 0:
-        where = f"{world} x {device.type}" + (
-            " (no CUDA device: CPU fallback with gloo)" if device.type == "cpu" else ""
+    def __init__(
+        self, binned: Path, split_path: Path, spec: RunSpec, out: Path, ckpt_dir: Path
+    ) -> None:
+        self.spec, self.cfg, self.out = spec, spec.train, Path(out)
+        self.rank, self.world, self.device = setup_distributed(self.cfg.dist_timeout_s)
+        self.accum = self.cfg.grad_accumulation(self.world)
+        if self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.precision = (
+            self.cfg.precision
+            if self.cfg.precision != "auto"
+            else ("bf16" if self.device.type == "cuda" else "fp32")
         )
-        log.info("training on %s, precision %s, grad accumulation %d", where, precision, accum)
-
-    # data: memory-mapped arrays, rows of this run's train/val cells
-    data = BinnedData.open(binned)
-    n_bins = int(data.meta["n_bins"])
-    labels, label_names = label_codes(data.cells)
-    rows = select_rows(pd.read_csv(split_path, sep="\t"), data.cells, fold, final)
-    s = model_cfg.n_cells_per_msa
-    train_cells = CellBatches(data, rows["train"], labels, s)
-    val_cells = CellBatches(data, rows["val"], labels, s)
-    if len(train_cells) < cfg.micro_batch_size * world:
-        raise InputError(
-            f"{split_path}: {len(train_cells)} training items is fewer than one global micro-batch "
-            f"({cfg.micro_batch_size} x {world} processes)"
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self.precision == "bf16"
+            else nullcontext()
         )
-    sampler = torch.utils.data.DistributedSampler(
-        range(len(train_cells)),
-        num_replicas=world,
-        rank=rank,
-        shuffle=True,
-        seed=cfg.seed,
-        drop_last=True,
-    )
-    steps_per_epoch = len(sampler) // (cfg.micro_batch_size * accum)
-    if steps_per_epoch < 1:
-        raise InputError(
-            f"train.global_batch_size {cfg.global_batch_size} exceeds the {len(train_cells)} training items"
+        if self.rank == 0:
+            check_writable(self.out, "output folder")
+            check_writable(Path(ckpt_dir), "checkpoint folder")
+        self.ckpt = CheckpointFolder(Path(ckpt_dir), self.rank)
+        self.ckpt.lock()
+        if self.rank == 0:
+            where = f"{self.world} x {self.device.type}" + (
+                " (no CUDA device: CPU fallback with gloo)" if self.device.type == "cpu" else ""
+            )
+            log.info(
+                "training on %s, precision %s, grad accumulation %d",
+                where,
+                self.precision,
+                self.accum,
+            )
+        self._load_data(binned, split_path)
+        self._build_model()
+        self._resume()
+
+    # ------------------------------------------------------------------ set-up
+    def _load_data(self, binned: Path, split_path: Path) -> None:
+        """Memory-mapped arrays; the rows of this run's training and validation cells."""
+        cfg, spec = self.cfg, self.spec
+        self.data = BinnedData.open(binned)
+        self.n_bins = int(self.data.meta["n_bins"])
+        labels, self.label_names = label_codes(self.data.cells)
+        rows = select_rows(
+            pd.read_csv(split_path, sep="\t"), self.data.cells, spec.fold, spec.final
         )
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+        s = spec.model.n_cells_per_msa
+        self.train_cells = CellBatches(self.data, rows["train"], labels, s)
+        self.val_cells = CellBatches(self.data, rows["val"], labels, s)
+        if len(self.train_cells) < cfg.micro_batch_size * self.world:
+            raise InputError(
+                f"{split_path}: {len(self.train_cells)} training items is fewer than one global "
+                f"micro-batch ({cfg.micro_batch_size} x {self.world} processes)"
+            )
+        self.sampler = torch.utils.data.DistributedSampler(
+            range(len(self.train_cells)),
+            num_replicas=self.world,
+            rank=self.rank,
+            shuffle=True,
+            seed=cfg.seed,
+            drop_last=True,
+        )
+        self.steps_per_epoch = len(self.sampler) // (cfg.micro_batch_size * self.accum)
+        if self.steps_per_epoch < 1:
+            raise InputError(
+                f"train.global_batch_size {cfg.global_batch_size} exceeds the "
+                f"{len(self.train_cells)} training items"
+            )
+        if spec.final and spec.final_epochs is not None:
+            total = max(1, round(spec.final_epochs * self.steps_per_epoch))
+        else:
+            total = cfg.epochs * self.steps_per_epoch
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps is not None else total
+        self.val_every = cfg.val_every or self.steps_per_epoch
 
-    # model, optimizer, schedule
-    torch.manual_seed(cfg.seed)
-    n_labels = len(label_names) if cfg.label_head else 0
-    if cfg.label_head and not n_labels:
-        raise InputError(f"train.label_head is true but {binned}/cells.tsv has no label column")
-    prior = None
-    if spec.get("prior"):
-        prior = load_prior_network(spec["prior"], data.genes["gene_id"].astype(str).tolist())
-    raw_model = BioFormer(
-        model_cfg, n_genes=len(data.genes), n_bins=n_bins, n_labels=n_labels, prior=prior
-    )
-    raw_model.to(device)
-    # DDP only synchronises gradients of computations run through its forward, so the loss is
-    # computed inside forward by a thin wrapper: model(batch) -> (loss, metrics).
-    model: torch.nn.Module = LossForward(torch.compile(raw_model) if cfg.compile else raw_model)
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    def _build_model(self) -> None:
+        """BioFormer (DDP-wrapped with > 1 process), AdamW and the warmup-cosine schedule."""
+        cfg, spec = self.cfg, self.spec
+        torch.manual_seed(cfg.seed)
+        self.n_labels = len(self.label_names) if cfg.label_head else 0
+        if cfg.label_head and not self.n_labels:
+            raise InputError(
+                f"train.label_head is true but {self.data.folder}/cells.tsv has no label column"
+            )
+        prior = None
+        if spec.prior is not None:
+            genes = self.data.genes["gene_id"].astype(str).tolist()
+            prior = load_prior_network(spec.prior.path, genes, spec.prior.min_gene_share)
+        self.raw_model = BioFormer(
+            spec.model,
+            n_genes=len(self.data.genes),
+            n_bins=self.n_bins,
+            n_labels=self.n_labels,
+            prior=prior,
+        )
+        self.raw_model.to(self.device)
+        # DDP only synchronises gradients of computations run through its forward, so the loss
+        # is computed inside forward by a thin wrapper: model(batch) -> (loss, metrics).
+        inner = torch.compile(self.raw_model) if cfg.compile else self.raw_model
+        self.model: torch.nn.Module = LossForward(inner)
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DDP(self.model, device_ids=ids)
+        self.optimizer = torch.optim.AdamW(
+            self.raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg, self.total_steps)
+        )
 
-    # resume
-    chash = config_hash(
-        {**spec, "model": model_cfg.to_dict(), "train": cfg.to_dict()}, data.meta, world
-    )
-    ckpt_path = ckpt_dir / "last.pt"
-    step, history, timers = 0, [], {"batch": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-    samples_done, train_time = 0, 0.0
-    ckpt = load_checkpoint(ckpt_path, chash)
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step, history, timers = ckpt["step"], ckpt["history"], ckpt["timers"]
-        samples_done, train_time = ckpt["samples_done"], ckpt["train_time"]
-        set_rng_state(ckpt["rng"][rank], device)
-        if rank == 0:
-            log.info("resumed from %s at step %d/%d", ckpt_path, step, total_steps)
-        del ckpt
-    else:
-        # the per-rank dropout stream starts from (seed, rank)
-        torch.manual_seed(cfg.seed * 1000 + rank)
+    def _resume(self) -> None:
+        """Continue from ``last.pt`` when it matches these settings; else start at step 0."""
+        self.chash = config_hash(self.spec.to_dict(), self.data.meta, self.world)
+        self.step, self.history = 0, []
+        self.timers = {"batch": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        self.samples_done, self.train_time = 0, 0.0
+        self.measured_steps = 0  # steps run under the memory profiler (not timed)
+        self.best = {"metric": math.nan, "step": 0, "since": 0}
+        self.finished = False  # all steps done or stopped early
+        self.resumed_finished = False  # resumed from the final checkpoint: only outputs left
+        ckpt = self.ckpt.load(self.chash)
+        if ckpt is not None:
+            self.raw_model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            keys = ("step", "history", "timers", "samples_done", "train_time", "best")
+            for key in (*keys, "measured_steps"):
+                setattr(self, key, ckpt[key])
+            self.finished = self.resumed_finished = ckpt["finished"]
+            set_rng_state(ckpt["rng"][self.rank], self.device)
+            if self.rank == 0:
+                log.info(
+                    "resumed from %s at step %d/%d", self.ckpt.last, self.step, self.total_steps
+                )
+        else:
+            torch.manual_seed(self.cfg.seed * 1000 + self.rank)  # per-rank dropout stream
 
-    def checkpoint() -> None:
+    def _checkpoint(self, why: str) -> None:
         state = {
             "format": CHECKPOINT_FORMAT,
-            "config_hash": chash,
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step,
-            "history": history,
-            "timers": timers,
-            "samples_done": samples_done,
-            "train_time": train_time,
+            "config_hash": self.chash,
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "history": self.history,
+            "timers": self.timers,
+            "samples_done": self.samples_done,
+            "train_time": self.train_time,
+            "best": self.best,
+            "measured_steps": self.measured_steps,
+            "finished": self.finished,
         }
-        save_checkpoint(ckpt_path, state, rank, device)
+        self.ckpt.save(state, self.device)
+        if self.rank == 0:
+            log.info("checkpoint written at step %d (%s)", self.step, why)
 
-    flags = SignalFlags()
-    profiler = None
-    if cfg.profiler.enabled and rank == 0:
+    # ------------------------------------------------------------------ the loop
+    def _epoch_loader(self, epoch: int, first_step: int) -> torch.utils.data.DataLoader:
+        """Micro-batches of ``epoch`` from optimizer step ``first_step`` (within the epoch) on."""
+        cfg = self.cfg
+        self.sampler.set_epoch(epoch)
+        order = np.asarray(list(self.sampler))
+        plan = []
+        for s in range(first_step, self.steps_per_epoch):
+            for micro in range(self.accum):
+                i0 = (s * self.accum + micro) * cfg.micro_batch_size
+                step = epoch * self.steps_per_epoch + s
+                plan.append((order[i0 : i0 + cfg.micro_batch_size], step, micro))
+        ds = TrainBatches(
+            self.train_cells, plan, cfg, self.n_bins, epoch, self.rank, self.n_labels > 0
+        )
+        workers = cfg.loader_workers
+        return torch.utils.data.DataLoader(
+            ds,
+            batch_size=None,
+            shuffle=False,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+            # its own generator: a loader draws its base seed when iterated, which from the
+            # global generator would shift the dropout stream of a resumed run
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+
+    def run(self) -> None:
+        """Train until the last step or early stopping, then write the outputs (rank 0)."""
+        cfg = self.cfg
+        flags = SignalFlags()
+        profiler = self._start_profiler()
+        snapshot_until = self._start_memory_snapshot()
+        self.model.train()
+        self.cpu_peak: int | None = None
+        window = {"loss": 0.0, "n": 0, "t": 0.0, "samples": 0, "timed": 0}
+        stopped = False
+        while self.step < self.total_steps and not self.finished and not stopped:
+            epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+            batches = iter(self._epoch_loader(epoch, in_epoch))
+            for _ in range(in_epoch, self.steps_per_epoch):
+                loss, grad_norm, step_time = self._train_step(batches, profiler is None)
+                self.step += 1
+                if snapshot_until is not None and self.step >= snapshot_until:
+                    self._dump_memory_snapshot()
+                    snapshot_until = None
+                # one collective per step: the loss and any rank's signal flags
+                t = torch.tensor([loss, *flags.take()], dtype=torch.float64, device=self.device)
+                t = all_reduce_(t)
+                loss, want_save, want_stop = t[0].item() / self.world, t[1] > 0, t[2] > 0
+                window["loss"] += loss
+                window["n"] += 1
+                if step_time > 0:  # 0: the profiled step, not timed
+                    window["t"] += step_time
+                    window["samples"] += cfg.global_batch_size
+                    window["timed"] += 1
+                if profiler is not None:
+                    profiler.step()
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    self._log_train(epoch, window, grad_norm)
+                    window = {"loss": 0.0, "n": 0, "t": 0.0, "samples": 0, "timed": 0}
+                if len(self.val_cells) and (
+                    self.step % self.val_every == 0 or self.step == self.total_steps
+                ):
+                    self._validate_and_track(epoch)
+                if self.step == self.total_steps:
+                    self.finished = True
+                if self.finished:
+                    break
+                if want_save or self.step % cfg.ckpt_every == 0:
+                    why = "signal" if want_save else f"every {cfg.ckpt_every} steps"
+                    self._checkpoint(why)
+                if want_stop:
+                    if self.rank == 0:
+                        log.warning("stopping on SIGTERM after checkpointing step %d", self.step)
+                    stopped = True
+                    break
+        if profiler is not None:
+            profiler.stop()
+        if stopped:
+            del self.model  # see close_distributed
+            close_distributed()
+            sys.exit(143)
+        if not self.resumed_finished:
+            # the final state first: writing the outputs can fail (full disk, permissions)
+            self.finished = True
+            self._checkpoint("final")
+        self._write_outputs()
+        del self.model  # DDP's reducer holds the process group: see close_distributed
+        close_distributed()
+
+    def _train_step(self, batches: Any, may_measure: bool) -> tuple[float, torch.Tensor, float]:
+        """One optimizer step (``accum`` micro-batches); (local loss, grad norm, seconds)."""
+        cfg, device, timers = self.cfg, self.device, self.timers
+        # on CPU, one step (the second: AdamW's moments exist) under the profiler's allocator
+        # timeline gives the step's peak tensor memory (RSS counts far more)
+        measure = (
+            device.type == "cpu"
+            and may_measure
+            and self.cpu_peak is None
+            and (self.step >= 1 or self.total_steps == 1)
+        )
+        meter = record_cpu_peak(self.raw_model, self.optimizer) if measure else None
+        if meter is not None:
+            meter.__enter__()
+        t_step = time.perf_counter()
+        fwd_bwd = {"forward": 0.0, "backward": 0.0}
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(self.accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            last = micro == self.accum - 1
+            sync_ctx = self.model.no_sync() if self.world > 1 and not last else nullcontext()
+            with sync_ctx:
+                t0 = time.perf_counter()
+                with self.autocast:
+                    loss, _ = self.model(batch)
+                sync(device)
+                t1 = time.perf_counter()
+                (loss / self.accum).backward()
+                sync(device)
+                t2 = time.perf_counter()
+            for key, dt in (("forward", t1 - t0), ("backward", t2 - t1)):
+                timers[key] += dt
+                fwd_bwd[key] += dt
+            loss_sum += loss.detach() / self.accum
+        t3 = time.perf_counter()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if meter is not None:
+            meter.__exit__(None, None, None)
+            self.cpu_peak = meter.result.peak_bytes
+        self.scheduler.step()
+        sync(device)
+        t4 = time.perf_counter()
+        self.samples_done += cfg.global_batch_size
+        if meter is not None:  # the profiled step is instrumentation, not training speed
+            for key in ("forward", "backward"):
+                timers[key] -= fwd_bwd[key]
+            self.measured_steps += 1
+            return float(loss_sum), grad_norm, 0.0
+        timers["optimizer"] += t4 - t3
+        timers["batch"] += t4 - t_step
+        self.train_time += t4 - t_step
+        return float(loss_sum), grad_norm, t4 - t_step
+
+    def _log_train(self, epoch: int, window: dict[str, float], grad_norm: torch.Tensor) -> None:
+        mem, _ = peak_memory(self.device)
+        speed = window["samples"] / max(window["t"], 1e-9)
+        row = {
+            "kind": "train",
+            "step": self.step,
+            "epoch": epoch,
+            "loss": window["loss"] / window["n"],
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "samples_per_s": speed,
+            "step_time_ms": 1000 * window["t"] / max(window["timed"], 1),
+            "peak_memory_mb": mem / 2**20,
+        }
+        self.history.append(row)
+        if self.rank == 0:
+            log.info(
+                "Step %d/%d | Loss: %.4f | Speed: %.1f samples/sec | Memory: %.1f MB | Time: %.1fms",
+                self.step,
+                self.total_steps,
+                row["loss"],
+                speed,
+                row["peak_memory_mb"],
+                row["step_time_ms"],
+            )
+
+    # ------------------------------------------------------------------ validation, early stop
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Masked-value metrics on this rank's shard of the validation cells, all-reduced.
+
+        The mask of validation group ``i`` is ``fixed_mask(..., VAL_MASK_SEED, VAL_MASK_TAG, i)``
+        with ``spec.val_mask_ratio``: the same positions at every validation, for every grid
+        point, batch size and number of processes. Returns ``val_loss``, ``val_bin_acc`` (bin
+        space) and ``val_expr_*`` (expression space, see :mod:`evoformer.metrics`).
+        """
+        model, cells = self.raw_model, self.val_cells
+        model.eval()
+        # loss*n, correct, n, then moment sums (pred, true) over all and non-zero positions
+        sums = torch.zeros(15, dtype=torch.float64)
+        idx = np.arange(self.rank, len(cells), self.world)
+        for i in range(0, len(idx), self.cfg.micro_batch_size):
+            items = idx[i : i + self.cfg.micro_batch_size]
+            batch = cells.batch(items, truth=True)
+            values, loss_mask = fixed_mask(
+                batch["values"],
+                batch["pad_mask"],
+                self.spec.val_mask_ratio,
+                self.n_bins,
+                VAL_MASK_SEED,
+                VAL_MASK_TAG,
+                items,
+            )
+            with self.autocast:
+                out = model(
+                    batch["gene_ids"].to(self.device),
+                    values.to(self.device),
+                    batch["pad_mask"].to(self.device),
+                )
+            pred = out["pred"].float().cpu()
+            per, hit = model.value_terms(pred, batch["values"])
+            expr, _ = model.decode_expression(pred, bin_values(batch["edges"]))
+            lm = loss_mask
+            true = batch["expression"][lm].double()
+            nz = true > 0
+            sums += torch.cat(
+                [
+                    torch.stack(
+                        [per[lm].double().sum(), hit[lm].double().sum(), lm.sum().double()]
+                    ),
+                    moment_sums(expr[lm], true),
+                    moment_sums(expr[lm][nz], true[nz]),
+                ]
+            )
+        sums = all_reduce_(sums.to(self.device)).cpu()
+        model.train()
+        n = max(sums[2].item(), 1.0)
+        out = {"val_loss": sums[0].item() / n, "val_bin_acc": sums[1].item() / n}
+        expr = metrics_from_sums({"all": sums[3:9].numpy(), "nonzero": sums[9:15].numpy()})
+        out.update({f"val_{k}": v for k, v in expr.items()})
+        return out
+
+    def _validate_and_track(self, epoch: int) -> None:
+        """Validate; keep the best weights; decide early stopping (the same on every rank)."""
+        cfg = self.cfg
+        v = self.validate()
+        self.history.append({"kind": "val", "step": self.step, "epoch": epoch, **v})
+        value = v[cfg.monitor]
+        sign = 1.0 if lower_is_better(cfg.monitor) else -1.0
+        best = self.best["metric"]
+        improved = math.isfinite(value) and (
+            not math.isfinite(best) or sign * (best - value) > cfg.min_delta
+        )
+        if improved:
+            self.best = {"metric": value, "step": self.step, "since": 0}
+            self.ckpt.save_best(
+                {k: t.detach().cpu().clone() for k, t in self.raw_model.state_dict().items()}
+            )
+        else:
+            self.best["since"] += 1
+        if self.rank == 0:
+            log.info(
+                "Validation at step %d (epoch %d) | loss %.4f | bin accuracy %.4f | "
+                "expr MSE %.4f (non-zero %.4f) | %s %.4f%s",
+                self.step,
+                epoch,
+                v["val_loss"],
+                v["val_bin_acc"],
+                v["val_expr_mse"],
+                v["val_expr_mse_nonzero"],
+                cfg.monitor,
+                value,
+                " (best)" if improved else f" (best {best:.4f} at step {self.best['step']})",
+            )
+        if cfg.patience is not None and self.best["since"] >= cfg.patience:
+            self.finished = True
+            if self.rank == 0:
+                log.info(
+                    "early stopping at step %d: %s has not improved for %d validations; "
+                    "best %.4f at step %d",
+                    self.step,
+                    cfg.monitor,
+                    cfg.patience,
+                    self.best["metric"],
+                    self.best["step"],
+                )
+
+    # ------------------------------------------------------------------ profiling helpers
+    def _start_profiler(self) -> Any:
+        p = self.cfg.profiler
+        if not (p.enabled and self.rank == 0):
+            return None
         profiler = torch.profiler.profile(
             schedule=torch.profiler.schedule(
-                wait=max(0, cfg.profiler.start_step - 1),
-                warmup=1,
-                active=cfg.profiler.active_steps,
-                repeat=1,
+                wait=max(0, p.start_step - 1), warmup=1, active=p.active_steps, repeat=1
             ),
-            on_trace_ready=torch.profiler.tensorboard_trace_handler(str(out / "profile")),
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(str(self.out / "profile")),
             profile_memory=True,
             record_shapes=True,
         )
         profiler.start()
-    bar = None
-    if rank == 0 and sys.stderr.isatty():
-        from tqdm import tqdm
+        return profiler
 
-        bar = tqdm(total=total_steps, initial=step, desc="train")
-
-    # ------------------------------------------------------------------ training loop
-    snapshot_until = None  # CUDA allocator history of the first steps (train.memory_snapshot)
-    if cfg.memory_snapshot and rank == 0:
-        if device.type == "cuda":
-            torch.cuda.memory._record_memory_history(max_entries=1_000_000)
-            snapshot_until = min(step + 3, total_steps)
-        else:
+    def _start_memory_snapshot(self) -> int | None:
+        """CUDA allocator history of the first 3 steps (``train.memory_snapshot``, rank 0)."""
+        if not (self.cfg.memory_snapshot and self.rank == 0):
+            return None
+        if self.device.type != "cuda":
             log.info("train.memory_snapshot records CUDA allocations: nothing to record on CPU")
-    model.train()
-    cpu_peak: int | None = None  # profiler peak of one step on CPU
-    last_loss = float("nan")
-    window = {"loss": 0.0, "n": 0, "t": 0.0, "samples": 0}
-    stopped = False
-    while step < total_steps and not stopped:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        order = list(sampler)
-        for _ in range(in_epoch, steps_per_epoch):
-            # on CPU, one step (the second: AdamW's moments exist) under the profiler's
-            # allocator timeline gives the step's peak tensor memory (RSS counts far more)
-            measure = (
-                device.type == "cpu"
-                and cpu_peak is None
-                and profiler is None
-                and (step >= 1 or total_steps == 1)
-            )
-            meter = record_cpu_peak(raw_model, optimizer) if measure else None
-            if meter is not None:
-                meter.__enter__()
-            t_step = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                i0 = ((step - epoch * steps_per_epoch) * accum + micro) * cfg.micro_batch_size
-                items = order[i0 : i0 + cfg.micro_batch_size]
-                gen = mask_generator(cfg.seed, epoch, step, micro, rank)
-                batch = masked(train_cells.batch(items), cfg.mask_ratio, n_bins, gen)
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                if n_labels == 0:
-                    batch.pop("labels")
-                sync_ctx = model.no_sync() if world > 1 and micro < accum - 1 else nullcontext()
-                with sync_ctx:
-                    t0 = time.perf_counter()
-                    with autocast:
-                        loss, _ = model(batch)
-                    sync(device)
-                    t1 = time.perf_counter()
-                    (loss / accum).backward()
-                    sync(device)
-                    t2 = time.perf_counter()
-                timers["forward"] += t1 - t0
-                timers["backward"] += t2 - t1
-                loss_sum += loss.detach() / accum
-            t3 = time.perf_counter()
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if meter is not None:
-                meter.__exit__(None, None, None)
-                cpu_peak = meter.result.peak_bytes
-            scheduler.step()
-            sync(device)
-            t4 = time.perf_counter()
-            timers["optimizer"] += t4 - t3
-            step += 1
-            if snapshot_until is not None and step >= snapshot_until:
-                with atomic_path(out / "memory_snapshot.pickle") as tmp:
-                    torch.cuda.memory._dump_snapshot(str(tmp))
-                torch.cuda.memory._record_memory_history(enabled=None)
-                snapshot_until = None
-                log.info("allocator history written to %s", out / "memory_snapshot.pickle")
-            step_time = t4 - t_step
-            timers["batch"] += step_time
-            train_time += step_time
-            samples_done += cfg.global_batch_size
-            last_loss = all_reduce_(loss_sum.clone()).item() / world
-            window["loss"] += last_loss
-            window["n"] += 1
-            window["t"] += step_time
-            window["samples"] += cfg.global_batch_size
-            if profiler is not None:
-                profiler.step()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}")
-            if step % cfg.log_every == 0 or step == total_steps:
-                mem, _ = peak_memory(device)
-                speed = window["samples"] / max(window["t"], 1e-9)
-                row = {
-                    "kind": "train",
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": window["loss"] / window["n"],
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "samples_per_s": speed,
-                    "step_time_ms": 1000 * window["t"] / window["n"],
-                    "peak_memory_mb": mem / 2**20,
-                }
-                history.append(row)
-                if rank == 0 and bar is None:
-                    log.info(
-                        "Step %d/%d | Loss: %.4f | Speed: %.1f samples/sec | Memory: %.1f MB | Time: %.1fms",
-                        step,
-                        total_steps,
-                        row["loss"],
-                        speed,
-                        row["peak_memory_mb"],
-                        row["step_time_ms"],
-                    )
-                window = {"loss": 0.0, "n": 0, "t": 0.0, "samples": 0}
-            end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-            if end_of_epoch and len(val_cells):
-                v = validate(model, val_cells, cfg, n_bins, rank, world, device, autocast)
-                history.append({"kind": "val", "step": step, "epoch": epoch, **v})
-                if rank == 0:
-                    log.info(
-                        "Validation after epoch %d | loss %.4f | bin accuracy %.4f",
-                        epoch,
-                        v["val_loss"],
-                        v["val_bin_acc"],
-                    )
-            want_save, want_stop = flags.agreed(device)
-            if want_save or (step % cfg.ckpt_every == 0 and step < total_steps):
-                checkpoint()
-                if rank == 0:
-                    log.info(
-                        "checkpoint written at step %d (%s)",
-                        step,
-                        "signal" if want_save else f"every {cfg.ckpt_every} steps",
-                    )
-            if want_stop:
-                if rank == 0:
-                    log.warning("stopping on SIGTERM after checkpointing step %d", step)
-                stopped = True
-                break
-            if step >= total_steps:
-                break
-    if profiler is not None:
-        profiler.stop()
-    if bar is not None:
-        bar.close()
+            return None
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+        return min(self.step + 3, self.total_steps)
 
-    peak, peak_source = peak_memory(device)
-    rss = peak if peak_source == "rss" else None
-    if cpu_peak is not None:
-        peak, peak_source = cpu_peak, "profiler"
-    peaks = all_reduce_(
-        torch.tensor([float(peak), float(rss or 0)], device=device), dist.ReduceOp.MAX
-    )
-    if stopped:
-        del model  # see close_distributed
-        close_distributed()
-        sys.exit(143)
+    def _dump_memory_snapshot(self) -> None:
+        with atomic_path(self.out / "memory_snapshot.pickle") as tmp:
+            torch.cuda.memory._dump_snapshot(str(tmp))
+        torch.cuda.memory._record_memory_history(enabled=None)
+        log.info("allocator history written to %s", self.out / "memory_snapshot.pickle")
 
-    # ------------------------------------------------------------------ final outputs (rank 0)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics = pd.DataFrame(history)
+    # ------------------------------------------------------------------ outputs
+    def _write_outputs(self) -> None:
+        """model.pt (best weights when validated), metrics.tsv, the curve, the summaries."""
+        peak, source = peak_memory(self.device)
+        rss = peak if source == "rss" else None
+        if self.cpu_peak is not None:
+            peak, source = self.cpu_peak, "profiler"
+        peaks = all_reduce_(
+            torch.tensor([float(peak), float(rss or 0)], device=self.device), dist.ReduceOp.MAX
+        )
+        if self.rank == 0:
+            self._write_rank0_outputs(int(peaks[0].item()), source, rss, int(peaks[1].item()))
+        if dist.is_initialized():
+            dist.barrier()
+        self.ckpt.finish()
+
+    def _write_rank0_outputs(self, peak: int, source: str, rss: int | None, peak_rss: int) -> None:
+        cfg, out, spec = self.cfg, self.out, self.spec
+        weights = self.raw_model.state_dict()
+        selected_step, selected = self.step, "last"
+        if self.ckpt.best.exists() and math.isfinite(self.best["metric"]):
+            weights, selected_step, selected = self.ckpt.load_best(), self.best["step"], "best"
+        log.info(
+            "model.pt: weights of step %d (%s%s)",
+            selected_step,
+            selected,
+            f", {cfg.monitor} {self.best['metric']:.4f}" if selected == "best" else "",
+        )
+        metrics = pd.DataFrame(self.history)
         with atomic_path(out / "metrics.tsv") as tmp:
             metrics.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-        plot_learning_curve(metrics, out / "learning_curve.png")
-        n = max(step, 1)
+        plot_learning_curve(metrics, cfg.monitor, out / "learning_curve.png")
+        n = max(self.step - self.measured_steps, 1)
+        n_params = count_parameters(self.raw_model)["total"]
+        selection = {
+            "selected_weights": selected,
+            "selected_step": selected_step,
+            "selected_epochs": selected_step / self.steps_per_epoch,
+            "monitor": cfg.monitor,
+            "best_metric": self.best["metric"] if math.isfinite(self.best["metric"]) else None,
+            "stopped_early": self.step < self.total_steps,
+        }
         summary = {
-            "total_samples": samples_done,
-            "total_steps": step,
-            "average_speed_samples_per_s": samples_done / max(train_time, 1e-9),
-            "average_batch_time_ms": 1000 * timers["batch"] / n,
-            "average_forward_time_ms": 1000 * timers["forward"] / n,
-            "average_backward_time_ms": 1000 * timers["backward"] / n,
-            "average_optimizer_time_ms": 1000 * timers["optimizer"] / n,
-            "peak_memory_bytes": int(peaks[0].item()),
-            "peak_memory_mb": peaks[0].item() / 2**20,
-            "peak_memory_source": peak_source,
-            "peak_rss_bytes": int(peaks[1].item()) if rss is not None else None,
-            "precision": precision,
-            "grad_accumulation": accum,
-            "final_loss": last_loss,
+            "total_samples": self.samples_done,
+            "total_steps": self.step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "average_speed_samples_per_s": cfg.global_batch_size * n / max(self.train_time, 1e-9),
+            "average_batch_time_ms": 1000 * self.timers["batch"] / n,
+            "average_forward_time_ms": 1000 * self.timers["forward"] / n,
+            "average_backward_time_ms": 1000 * self.timers["backward"] / n,
+            "average_optimizer_time_ms": 1000 * self.timers["optimizer"] / n,
+            "peak_memory_bytes": peak,
+            "peak_memory_mb": peak / 2**20,
+            "peak_memory_source": source,
+            "peak_rss_bytes": peak_rss if rss is not None else None,
+            "precision": self.precision,
+            "grad_accumulation": self.accum,
+            "final_loss": next(
+                (r["loss"] for r in reversed(self.history) if r["kind"] == "train"), None
+            ),
+            "n_parameters": n_params,
+            **selection,
             "config": {
-                "model": model_cfg.to_dict(),
+                "model": spec.model.to_dict(),
                 "train": cfg.to_dict(),
-                "fold": fold,
-                "final": final,
+                "fold": spec.fold,
+                "final": spec.final,
             },
-            "system": system_info(device, world),
+            "system": system_info(self.device, self.world),
         }
         write_text_atomic(out / "performance_summary.json", json.dumps(summary, indent=2) + "\n")
         run_info = {
             "SLURM_JOB_ID": os.environ.get("SLURM_JOB_ID"),
             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            **system_info(device, world),
-            "steps": step,
-            "config_hash": chash,
-            "n_train_items": len(train_cells),
-            "n_val_items": len(val_cells),
+            **system_info(self.device, self.world),
+            "steps": self.step,
+            **selection,
+            "config_hash": self.chash,
+            "n_train_items": len(self.train_cells),
+            "n_val_items": len(self.val_cells),
         }
         write_text_atomic(out / "run_info.json", json.dumps(run_info, indent=2) + "\n")
-        with atomic_path(out / "model.pt") as tmp:
-            torch.save(
-                {
-                    "model": raw_model.state_dict(),
-                    "model_config": model_cfg.to_dict(),
-                    "n_genes": len(data.genes),
-                    "n_bins": n_bins,
-                    "n_labels": n_labels,
-                    "label_names": label_names,
-                    "train_config": cfg.to_dict(),
-                },
-                tmp,
-            )
-        ckpt_path.unlink(missing_ok=True)  # done: a later rerun (e.g. new code) starts afresh
-    if dist.is_initialized():
-        dist.barrier()
-    del model  # DDP's reducer holds the process group: see close_distributed
-    close_distributed()
+        model_file = {
+            "model": weights,
+            "model_config": spec.model.to_dict(),
+            "n_genes": len(self.data.genes),
+            "n_bins": self.n_bins,
+            "n_labels": self.n_labels,
+            "label_names": self.label_names,
+            "train_config": cfg.to_dict(),
+            "selected_step": selected_step,
+            "n_parameters": n_params,
+        }
+        save_torch_atomic(model_file, out / "model.pt")
 
 
 def apply_preflight(spec: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -740,6 +1065,15 @@ def apply_preflight(spec: dict[str, Any], path: Path) -> dict[str, Any]:
         path,
     )
     return {**spec, "train": train}
+
+
+def train(
+    binned: Path, split_path: Path, spec: dict[str, Any] | RunSpec, out: Path, ckpt_dir: Path
+) -> None:
+    """Run (or resume) one training run; see the module docstring for inputs and outputs."""
+    if not isinstance(spec, RunSpec):
+        spec = RunSpec.from_dict(spec)
+    Trainer(Path(binned), Path(split_path), spec, Path(out), Path(ckpt_dir)).run()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -765,6 +1099,8 @@ def main(argv: list[str] | None = None) -> None:
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: never outlive it
+        die_with_parent()
     try:
         spec = json.loads(a.spec)
     except json.JSONDecodeError as e:
@@ -772,7 +1108,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if a.preflight is not None:
             spec = apply_preflight(spec, a.preflight)
-        train(a.binned, a.split, spec, a.out, a.ckpt_dir)
+        train(a.binned, a.split, RunSpec.from_dict(spec), a.out, a.ckpt_dir)
     except InputError as e:
         log.error("%s", e)
         raise SystemExit(f"error: {e}") from None

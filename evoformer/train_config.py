@@ -1,4 +1,9 @@
-"""Training settings: one dataclass, built from the plain ``train:`` dict of config.yaml."""
+"""Training settings: the ``train:`` section of config.yaml and the spec of one training run.
+
+``TrainConfig`` is built from the plain dict once (:func:`evoformer.typed.from_plain` checks every
+key's type and names it on error); :class:`RunSpec` bundles what one training job needs (model,
+training settings, which cells, the prior network) and is what the ``train`` rule passes as JSON.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evoformer.errors import InputError
+from evoformer.metrics import LOWER_IS_BETTER
+from evoformer.model import ModelConfig
+from evoformer.typed import from_plain
+
+#: Validation metrics computed during training (``val_`` + name); ``val_loss`` and
+#: ``val_bin_acc`` are in bin space and depend on ``n_bins`` and the loss.
+VALIDATION_METRICS = (
+    "val_loss",
+    "val_bin_acc",
+    *(f"val_{m}" for m in ("expr_mse", "expr_pearson", "expr_mse_nonzero", "expr_pearson_nonzero")),
+)
+#: Validation metrics that are not comparable between models with different n_bins or loss.
+BIN_SPACE_METRICS = ("val_loss", "val_bin_acc")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Direction of a validation metric (``val_`` prefix optional)."""
+    name = metric.removeprefix("val_")
+    if name in LOWER_IS_BETTER:
+        return LOWER_IS_BETTER[name]
+    return name in ("loss",)
 
 
 @dataclass
@@ -20,12 +46,17 @@ class ProfilerConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimiser, schedule, batching and bookkeeping for one training run.
+    """Optimiser, schedule, batching, masking, early stopping and bookkeeping of one training run.
 
     ``micro_batch_size`` is cells (MSAs of ``n_cells_per_msa`` cells when S > 1) per process and
     forward pass; ``global_batch_size`` is what one optimizer step sees across all processes, so
     gradient accumulation = global / (micro x world size) and the global batch does not depend
     on how many GPUs the job got.
+
+    Early stopping: the model is validated every ``val_every`` optimizer steps (None: at the end
+    of every epoch); the weights with the best ``monitor`` are kept (``best.pt`` in the checkpoint
+    folder) and become ``model.pt``; training stops after ``patience`` validations without an
+    improvement larger than ``min_delta`` (None: runs all epochs, still keeping the best).
     """
 
     micro_batch_size: int = 8
@@ -38,11 +69,19 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     mask_ratio: float = 0.15  # fraction of each cell's real gene tokens whose value is masked
+    # share of each cell's masked positions drawn from its non-zero genes (None: uniform over
+    # its real tokens). With 80% zeros, uniform masking spends most of the loss on zeros.
+    mask_nonzero_fraction: float | None = None
     label_head: bool = False  # also train a cell-label head on CLS (needs a label column)
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
     compile: bool = False  # torch.compile the model
     cpu_processes: int = 2  # processes torchrun starts when no CUDA device is visible
+    loader_workers: int = 0  # DataLoader worker processes per training process (0: in-process)
+    val_every: int | None = None  # optimizer steps between validations (None: every epoch)
+    monitor: str = "val_expr_mse"  # validation metric early stopping and best weights follow
+    patience: int | None = 5  # validations without improvement before stopping (None: never)
+    min_delta: float = 0.0  # improvement of `monitor` that resets the patience
     log_every: int = 10  # optimizer steps between log lines
     ckpt_every: int = 50  # optimizer steps between checkpoints (also on SIGUSR1/SIGTERM)
     dist_timeout_s: int = 300  # collective timeout: a stuck rank fails the job instead of hanging
@@ -54,45 +93,55 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, key: str = "train") -> TrainConfig:
         """Build from a plain dict; an unknown key or a bad value raises ``InputError`` naming it."""
-        d = dict(d or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        for k in d:
-            if k not in names:
-                raise InputError(
-                    f"config key '{key}.{k}' is unknown (known: {', '.join(sorted(names))})"
-                )
-        prof = d.pop("profiler", None) or {}
-        pnames = {f.name for f in dataclasses.fields(ProfilerConfig)}
-        for k in prof:
-            if k not in pnames:
-                raise InputError(f"config key '{key}.profiler.{k}' is unknown")
-        cfg = cls(**d, profiler=ProfilerConfig(**prof))
+        cfg = from_plain(cls, d, key)
         cfg.validate(key)
         return cfg
 
     def validate(self, key: str = "train") -> None:
         """Raise ``InputError`` for values that cannot work."""
-        positive = ["micro_batch_size", "global_batch_size", "epochs", "log_every", "ckpt_every"]
+
+        def bad(name: str, what: str) -> InputError:
+            return InputError(f"config key '{key}.{name}' {what}, got {getattr(self, name)!r}")
+
+        positive = [
+            "micro_batch_size",
+            "global_batch_size",
+            "epochs",
+            "log_every",
+            "ckpt_every",
+            "dist_timeout_s",
+            "cpu_processes",
+        ]
         for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise InputError(
-                    f"config key '{key}.{name}' must be >= 1, got {getattr(self, name)}"
-                )
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        for name in ("max_steps", "val_every", "patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise bad(name, "must be >= 1 or null")
+        for name in ("warmup_steps", "loader_workers", "seed"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
         if self.global_batch_size % self.micro_batch_size:
             raise InputError(
                 f"config key '{key}.global_batch_size' ({self.global_batch_size}) must be a multiple "
                 f"of '{key}.micro_batch_size' ({self.micro_batch_size})"
             )
         if not 0.0 < self.mask_ratio < 1.0:
-            raise InputError(
-                f"config key '{key}.mask_ratio' must be in (0, 1), got {self.mask_ratio}"
-            )
+            raise bad("mask_ratio", "must be in (0, 1)")
+        f = self.mask_nonzero_fraction
+        if f is not None and not 0.0 <= f <= 1.0:
+            raise bad("mask_nonzero_fraction", "must be in [0, 1] or null")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise InputError(
-                f"config key '{key}.precision' must be auto, bf16 or fp32, got {self.precision!r}"
-            )
+            raise bad("precision", "must be auto, bf16 or fp32")
         if self.lr <= 0:
-            raise InputError(f"config key '{key}.lr' must be > 0, got {self.lr}")
+            raise bad("lr", "must be > 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise bad("min_lr_ratio", "must be in [0, 1]")
+        for name in ("weight_decay", "grad_clip", "min_delta"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
+        if self.monitor not in VALIDATION_METRICS:
+            raise bad("monitor", f"must be one of {', '.join(VALIDATION_METRICS)}")
 
     def grad_accumulation(self, world_size: int) -> int:
         """Micro-batches per process per optimizer step (global = micro x accum x world)."""
@@ -106,3 +155,85 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class PriorConfig:
+    """A prior gene-gene network (TSV: source, target[, weight, sign]) added to ``z``.
+
+    ``min_gene_share``: the share of the network's genes that must be among the HVGs; fewer stops
+    the run (a network of other gene names, e.g. Ensembl ids against symbols, would otherwise
+    silently become an all-zero matrix).
+    """
+
+    path: str
+    min_gene_share: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise InputError("config key 'experiment.prior.path' must be a file path")
+        if not 0.0 <= self.min_gene_share <= 1.0:
+            raise InputError(
+                f"config key 'experiment.prior.min_gene_share' must be in [0, 1], got "
+                f"{self.min_gene_share!r}"
+            )
+
+
+@dataclass
+class RunSpec:
+    """Everything one training job needs besides its data files.
+
+    Attributes:
+        model, train: the grid point's settings.
+        fold: -1 = holdout (train on ``split == train``, validate on ``val``); k >= 0 = CV fold k.
+        final: the retrain of the selected grid point on train+val (no validation).
+        prior: optional prior network.
+        val_mask_ratio: share of each validation cell's real tokens masked for validation (the
+            evaluation's ``mask_ratio``: the same positions for every grid point).
+        final_epochs: for ``final``, the epochs to train (mean best epoch of the CV folds, as
+            chosen by early stopping); None = ``train.epochs``.
+    """
+
+    model: ModelConfig
+    train: TrainConfig
+    fold: int = -1
+    final: bool = False
+    prior: PriorConfig | None = None
+    val_mask_ratio: float = 0.15
+    final_epochs: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "spec") -> RunSpec:
+        """Parse the plain spec (the rule's JSON) once; errors name the key."""
+        d = dict(d)
+        model = ModelConfig.from_dict(d.pop("model", None))
+        train = TrainConfig.from_dict(d.pop("train", None), "experiment.train")
+        prior = d.pop("prior", None)
+        rest = from_plain(_RunFields, d, where)
+        spec = cls(
+            model=model,
+            train=train,
+            prior=None if prior is None else from_plain(PriorConfig, prior, "experiment.prior"),
+            **dataclasses.asdict(rest),
+        )
+        if not 0.0 < spec.val_mask_ratio < 1.0:
+            raise InputError("config key 'evaluation.mask_ratio' must be in (0, 1)")
+        if spec.prior is not None and not model.uses_pair:
+            raise InputError(
+                "config key 'experiment.prior': a prior network enters the pair representation, "
+                "but model preset none has none"
+            )
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class _RunFields:
+    """The scalar fields of :class:`RunSpec` (checked by ``from_plain``)."""
+
+    fold: int = -1
+    final: bool = False
+    val_mask_ratio: float = 0.15
+    final_epochs: float | None = None

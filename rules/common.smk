@@ -11,14 +11,18 @@ from pathlib import Path
 
 import jsonschema
 
+from evoformer.data.planted import resolve_planted_params
+from evoformer.errors import InputError
 from evoformer.memory.spec import MEMORY_TRAIN_KEYS
 
 PBMC68K_PATH = "resources/pbmc68k.h5ad"
 SYNTHETIC_DIR = "resources/synthetic"
+PLANTED_DIR = "resources/planted"
 BINNED_FILES = (
     "values.npy",
     "gene_index.npy",
     "edges.npy",
+    "expression.npy",
     "cells.tsv",
     "genes.tsv",
     "meta.json",
@@ -52,7 +56,16 @@ def dataset_file(name):
         return PBMC68K_PATH
     if entry["kind"] == "synthetic":
         return f"{SYNTHETIC_DIR}/{name}.h5ad"
+    if entry["kind"] == "planted":
+        return f"{PLANTED_DIR}/{name}.h5ad"
     return entry["path"]
+
+
+def network_file(name):
+    """The true gene-gene network of a planted dataset ([] for other kinds)."""
+    if dataset_entry(name)["kind"] == "planted":
+        return [f"{PLANTED_DIR}/{name}_network.tsv"]
+    return []
 
 
 def expression_config(name):
@@ -67,6 +80,14 @@ def synthetic_config(name):
     if entry["kind"] != "synthetic":
         raise WorkflowError(f"dataset {name!r} is not of kind synthetic")
     return canonical(entry.get("synthetic", {}))
+
+
+def planted_config(name):
+    """Generator parameters of a planted-network dataset."""
+    entry = dataset_entry(name)
+    if entry["kind"] != "planted":
+        raise WorkflowError(f"dataset {name!r} is not of kind planted")
+    return canonical(entry.get("planted", {}))
 
 
 def hvg_config():
@@ -122,7 +143,10 @@ def one_line_config_errors():
 
 
 def check_config():
-    """Checks that the schema cannot express, with messages naming the key."""
+    """Checks that the schema cannot express, with messages naming the key: every grid point's
+    model and training settings, the evaluation settings, batch arithmetic, split sizes and the
+    selection metric (evoformer.experiments.check), for every target, before any job runs.
+    """
     name = config["experiment"]["dataset"]
     if name not in config["datasets"]:
         raise WorkflowError(
@@ -133,6 +157,10 @@ def check_config():
         raise WorkflowError(
             "invalid config: split.n_folds: 1 fold is no cross-validation; use 0 (no CV) or >= 2"
         )
+    if experiments.cv_enabled(config) and config["split"]["n_folds"] < 2:
+        raise WorkflowError(
+            "invalid config: split.n_folds: cv.enabled needs split.n_folds >= 2"
+        )
     fractions = config["split"]["fractions"]
     if abs(sum(fractions.values()) - 1) > 1e-6:
         raise WorkflowError(
@@ -140,6 +168,33 @@ def check_config():
         )
     if fractions["train"] <= 0:
         raise WorkflowError("invalid config: split.fractions.train: must be > 0")
+    try:
+        for ds, entry in config["datasets"].items():
+            if entry["kind"] == "planted":
+                resolve_planted_params(
+                    entry.get("planted") or {}, f"datasets.{ds}.planted"
+                )
+        experiments.check(config, known_cells_by_label(name))
+    except InputError as e:
+        raise WorkflowError(f"invalid config: {e}") from None
+
+
+def known_cells_by_label(name):
+    """Cells per label of a dataset whose file already exists (None otherwise)."""
+    from evoformer.data.split import cells_by_label
+
+    entry = dataset_entry(name)
+    if not Path(dataset_file(name)).exists():
+        return None
+    stratify = config["split"].get("stratify", True)
+    try:
+        return cells_by_label(
+            dataset_file(name), entry.get("label_key") if stratify else None
+        )
+    except (OSError, KeyError) as e:
+        raise WorkflowError(
+            f"{dataset_file(name)}: cannot read the cells ({e})"
+        ) from None
 
 
 # ------------------------------------------------------------------ experiments (training on)
@@ -175,10 +230,21 @@ def fold_value(fold):
 
 
 def train_spec(wildcards):
-    """Plain-typed training spec of one grid point and fold (the train rule's only config)."""
-    return canonical(
-        experiments.spec(config, point_of(wildcards), fold_value(wildcards.fold))
-    )
+    """Plain-typed training spec of one grid point and fold (the train rule's only config).
+    The final retrain trains for the epochs early stopping chose in CV (cv_selection.json).
+    """
+    fold = fold_value(wildcards.fold)
+    final_epochs = None
+    if fold == "final":
+        with open(checkpoints.cv_select.get().output[0]) as f:
+            final_epochs = json.load(f).get("final_epochs")
+    return canonical(experiments.spec(config, point_of(wildcards), fold, final_epochs))
+
+
+def prior_input(wildcards):
+    """The prior network file (an input of training and evaluation when configured)."""
+    prior = config["experiment"].get("prior")
+    return [prior["path"]] if prior else []
 
 
 def run_dir(point, fold):

@@ -8,6 +8,8 @@ rule evaluate:
         binned=lambda wc: f"{binned_dir(DATASET, wc.n_hvg, wc.n_bins)}/meta.json",
         split=lambda wc: split_file(DATASET),
         hvg=lambda wc: f"{hvg_dir(DATASET, wc.n_hvg)}/hvg.h5ad",
+        prior=prior_input,
+        network=lambda wc: network_file(DATASET),
     output:
         metrics=f"{EXP_DIR}/fold~{{fold}}/eval/eval_metrics.json",
         embeddings=f"{EXP_DIR}/fold~{{fold}}/eval/embeddings.h5ad",
@@ -43,6 +45,7 @@ checkpoint cv_select:
     params:
         records=lambda wc: cv_runs(),
         sweep_keys=list(PARAMSPACE.dataframe.columns),
+        selection_metric=experiments.selection_metric(config),
     script:
         "../workflow_scripts/cv_select.py"
 
@@ -51,6 +54,11 @@ rule tables:
     input:
         lambda wc: [p for r in table_records() for p in record_files(r)],
     output:
+        summary=report(
+            "results/tables/summary.md",
+            caption="../report/summary.rst",
+            category="Tables",
+        ),
         metrics=report(
             "results/tables/metrics.tsv",
             caption="../report/metrics.rst",
@@ -85,6 +93,7 @@ rule tables:
     params:
         records=lambda wc: table_records(),
         sweep_keys=list(PARAMSPACE.dataframe.columns),
+        selection_metric=experiments.selection_metric(config),
         git_commit=GIT_COMMIT,
     script:
         "../workflow_scripts/tables.py"

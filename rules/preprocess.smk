@@ -37,6 +37,23 @@ rule synthetic:
         "../workflow_scripts/synthetic.py"
 
 
+rule planted:
+    output:
+        h5ad=f"{PLANTED_DIR}/{{dataset}}.h5ad",
+        network=f"{PLANTED_DIR}/{{dataset}}_network.tsv",
+        genes=f"{PLANTED_DIR}/{{dataset}}_genes.tsv",
+    log:
+        "logs/datasets/planted_{dataset}.log",
+    benchmark:
+        "results/benchmarks/datasets/planted_{dataset}.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    params:
+        planted=lambda wc: planted_config(wc.dataset),
+    script:
+        "../workflow_scripts/planted.py"
+
+
 rule hvg:
     input:
         dataset=lambda wc: dataset_file(wc.dataset),
@@ -64,6 +81,7 @@ rule bin:
         values="results/{dataset}/hvg{n_hvg}/bins{n_bins}/values.npy",
         gene_index="results/{dataset}/hvg{n_hvg}/bins{n_bins}/gene_index.npy",
         edges="results/{dataset}/hvg{n_hvg}/bins{n_bins}/edges.npy",
+        expression="results/{dataset}/hvg{n_hvg}/bins{n_bins}/expression.npy",
         cells="results/{dataset}/hvg{n_hvg}/bins{n_bins}/cells.tsv",
         genes="results/{dataset}/hvg{n_hvg}/bins{n_bins}/genes.tsv",
         meta="results/{dataset}/hvg{n_hvg}/bins{n_bins}/meta.json",

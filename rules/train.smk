@@ -3,7 +3,8 @@
 # train+val ("final"). Each job gets its plain-typed spec as a JSON param; checkpoints live in
 # checkpoints/ (not a declared output, so Snakemake's cleanup of a failed job keeps them).
 # A job starts only after its grid point's memory pre-flight has passed (rules/memory.smk),
-# and trains with the micro-batch the pre-flight chose under memory.auto_micro_batch.
+# and trains with the micro-batch the pre-flight chose under memory.auto_micro_batch. A failed
+# training prints its one-line error (or the log's last lines) in Snakemake's output.
 
 
 rule train:
@@ -11,6 +12,7 @@ rule train:
         binned=lambda wc: binned_files(DATASET, wc.n_hvg, wc.n_bins),
         split=lambda wc: split_file(DATASET),
         preflight=f"{EXP_DIR}/preflight.json",
+        prior=prior_input,
     output:
         model=f"{EXP_DIR}/fold~{{fold}}/train/model.pt",
         metrics=f"{EXP_DIR}/fold~{{fold}}/train/metrics.tsv",
@@ -37,4 +39,5 @@ rule train:
         "python -m evoformer.launch --cpu-processes {params.cpu_processes} -- "
         "--binned {params.binned:q} --split {input.split:q} --spec {params.spec:q} "
         "--out {params.out:q} --ckpt-dir {params.ckpt:q} --preflight {input.preflight:q} "
-        "> {log:q} 2>&1"
+        "> {log:q} 2>&1 || {{ rc=$?; "
+        "grep -m1 '^error: ' {log:q} >&2 || tail -n 5 {log:q} >&2; exit $rc; }}"

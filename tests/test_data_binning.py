@@ -150,7 +150,15 @@ def test_bin_h5ad_writes_the_contract(tmp_path, expression, include_zero_genes, 
     out = tmp_path / "bins11"
     meta = bin_h5ad(hvg, out, 11, include_zero_genes=include_zero_genes, seed=4)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["values.npy", "gene_index.npy", "edges.npy", "cells.tsv", "genes.tsv", "meta.json"]
+        [
+            "values.npy",
+            "gene_index.npy",
+            "edges.npy",
+            "expression.npy",
+            "cells.tsv",
+            "genes.tsv",
+            "meta.json",
+        ]
     )
     data = BinnedData.open(out)
     n, g = expression.shape
@@ -163,6 +171,10 @@ def test_bin_h5ad_writes_the_contract(tmp_path, expression, include_zero_genes, 
     ref_bins, ref_edges = reference_binning(expression, 11, 4)
     assert np.array_equal(data.edges, ref_edges.astype(np.float32))
     genes, values = data.tokens(np.arange(n))
+    # expression.npy: each token's log1p value (what expression-space metrics score against)
+    dense = expression.toarray()
+    expr = np.where(genes >= 0, dense[np.arange(n)[:, None], np.maximum(genes, 0)], 0)
+    assert data.expression.dtype == np.float32 and np.array_equal(data.expression, expr)
     if include_zero_genes:
         assert data.values.shape == (n, g) and data.gene_index.shape == (1, g)
         assert np.array_equal(data.values, ref_bins)

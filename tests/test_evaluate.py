@@ -22,8 +22,8 @@ from evoformer.evaluate import (
     pearson,
     value_metrics,
 )
-from evoformer.model import BioFormer, ModelConfig
-from evoformer.train import label_codes, mask_generator, masked, select_rows
+from evoformer.model import BioFormer, ModelConfig, fixed_mask
+from evoformer.train import label_codes, select_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 N_GENES, N_BINS = 10, 5
@@ -38,19 +38,32 @@ TINY = {
     "dropout_msa": 0.0,
     "dropout_pair": 0.0,
 }
-FAST = {"umap": False, "batch_size": 5, "knn_k": 3}
+FAST = {"umap": False, "batch_size": 5, "knn_k": 3, "mask_ratio": 0.3, "n_bootstrap": 50}
 
 
 # ----------------------------------------------------------------------------- fixtures
 def write_binned(
-    folder: Path, values: np.ndarray, gene_index: np.ndarray, cells: pd.DataFrame
+    folder: Path,
+    values: np.ndarray,
+    gene_index: np.ndarray,
+    cells: pd.DataFrame,
+    x: np.ndarray,
 ) -> Path:
-    """A binned folder in the format of ``evoformer.data.binning.bin_h5ad``."""
+    """A binned folder in the format of ``evoformer.data.binning.bin_h5ad``; ``x [n, G]`` is the
+    log1p expression behind the bins (expression.npy, and per-cell quantile edges)."""
     folder.mkdir(parents=True)
     n, length = values.shape
     np.save(folder / "values.npy", values.astype(np.uint8))
     np.save(folder / "gene_index.npy", gene_index.astype(np.int16))
-    np.save(folder / "edges.npy", np.zeros((n, N_BINS - 1), np.float32))
+    edges = np.zeros((n, N_BINS - 1), np.float32)
+    for i in range(n):
+        nz = x[i][x[i] > 0]
+        if nz.size:
+            edges[i] = np.quantile(nz, np.linspace(0, 1, N_BINS - 1))
+    np.save(folder / "edges.npy", edges)
+    genes = np.broadcast_to(gene_index, values.shape)
+    expr = np.where(genes >= 0, x[np.arange(n)[:, None], np.maximum(genes, 0)], 0.0)
+    np.save(folder / "expression.npy", expr.astype(np.float32))
     cells.to_csv(folder / "cells.tsv", sep="\t", index=False)
     pd.DataFrame({"gene_id": [f"g{i}" for i in range(N_GENES)]}).to_csv(
         folder / "genes.tsv", sep="\t", index=False
@@ -143,7 +156,7 @@ def make_dataset(d: Path, labelled: bool = True, include_zero: bool = True) -> d
     split_df.to_csv(d / "split.tsv", sep="\t", index=False)
     x = np.log1p(values * 1.5 + rng.random((n, N_GENES)) * (values > 0))
     return {
-        "binned": write_binned(d / "binned", vals, gene_index, cells),
+        "binned": write_binned(d / "binned", vals, gene_index, cells, x),
         "split": d / "split.tsv",
         "hvg": write_hvg(d / "hvg.h5ad", x, cells),
         "values": values,
@@ -226,32 +239,34 @@ def test_model_metrics_match_bioformer_loss(ds: dict, tmp_path: Path) -> None:
     test_ids = set(pd.read_csv(ds["split"], sep="\t").query("split == 'test'")["cell_id"])
     rows = np.flatnonzero(data.cells["cell_id"].isin(test_ids).to_numpy())
     model = BioFormer(ModelConfig.from_dict(TINY), n_genes=N_GENES, n_bins=N_BINS)
-    model.load_state_dict(torch.load(ds["model"], weights_only=False)["model"])
+    model.load_state_dict(torch.load(ds["model"], weights_only=True)["model"])
     model.eval()
     values = torch.as_tensor(np.asarray(data.values[rows], np.int64))[:, None, :]
     gene_ids = torch.arange(N_GENES).expand_as(values)
     pad = torch.ones_like(values, dtype=torch.bool)
-    parts = [
-        masked(
-            {"values": values[i : i + 1], "pad_mask": pad[i : i + 1]},
-            0.3,
-            N_BINS,
-            mask_generator(7, -2, i),
-        )
-        for i in range(len(rows))
-    ]
+    masked_values, loss_mask = fixed_mask(values, pad, 0.3, N_BINS, 7, -2, np.arange(len(rows)))
     batch = {
         "gene_ids": gene_ids,
         "pad_mask": pad,
-        **{k: torch.cat([p[k] for p in parts]) for k in ("values", "target", "loss_mask")},
+        "values": masked_values,
+        "target": values,
+        "loss_mask": loss_mask,
     }
     with torch.no_grad():
         _, ref = model.loss(batch)
     assert m["n_masked"] == int(batch["loss_mask"].sum()) == 12 * 3  # round(0.3 * 10) per cell
-    assert m["model_ce"] == pytest.approx(ref["value_loss"], rel=1e-5)
+    assert m["model_bin_ce"] == pytest.approx(ref["value_loss"], rel=1e-5)
     assert m["model_bin_acc"] == pytest.approx(ref["bin_acc"], rel=1e-6)
-    for k in ("model_mse", "model_pearson", "model_mre", "baseline_ce", "baseline_mre"):
+    for k in ("model_bin_mse", "model_bin_pearson", "model_bin_mre", "mean_bin_ce", "mean_bin_mre"):
         assert m[k] is not None and math.isfinite(m[k]), k
+    # expression space: every predictor on the same positions, with intervals
+    for who in ("model", "mean", "ridge", "knn"):
+        for k in ("expr_mse", "expr_mse_nonzero", "expr_pearson", "expr_auroc_zero"):
+            v, lo, hi = m[f"{who}_{k}"], m[f"{who}_{k}_lo"], m[f"{who}_{k}_hi"]
+            assert v is not None and lo <= v <= hi, (who, k, lo, v, hi)
+    assert m["best_baseline_expr_mse"] in ("mean", "ridge", "knn")
+    best = m["best_baseline_expr_mse"]
+    assert m["diff_expr_mse"] == pytest.approx(m["model_expr_mse"] - m[f"{best}_expr_mse"])
 
 
 def test_baseline_uses_training_cells_only(tmp_path: Path) -> None:
@@ -266,15 +281,15 @@ def test_baseline_uses_training_cells_only(tmp_path: Path) -> None:
     np.save(data_dir / "values.npy", vals)
     model = write_model(tmp_path / "model.pt", TINY)
     m = evaluate(model, data_dir, d["split"], d["hvg"], tmp_path / "holdout", FAST)["metrics"]
-    assert m["baseline_bin_acc"] == 0.0 and m["baseline_mse"] == pytest.approx(4.0)
-    assert m["baseline_mre"] == pytest.approx(2 / 3)
+    assert m["mean_bin_acc"] == 0.0 and m["mean_bin_mse"] == pytest.approx(4.0)
+    assert m["mean_bin_mre"] == pytest.approx(2 / 3)
     # CV fold 0 trains on train+val outside fold 0: bins 1 and 2 -> mean in (1, 2), still not 3
     m0 = evaluate(model, data_dir, d["split"], d["hvg"], tmp_path / "f0", {**FAST, "fold": 0})[
         "metrics"
     ]
     fold0 = split[split["split"].isin(["train", "val"]) & (split["fold"] != 0)]
     mean = np.where(fold0["split"] == "train", 1, 2).mean()
-    assert m0["baseline_mse"] == pytest.approx((3 - mean) ** 2)
+    assert m0["mean_bin_mse"] == pytest.approx((3 - mean) ** 2)
 
 
 def test_probes_train_on_training_cells_only(
@@ -322,14 +337,15 @@ def test_probes_train_on_training_cells_only(
 def test_deterministic_and_umap(ds: dict, tmp_path: Path) -> None:
     import anndata as ad
 
-    a = evaluate(ds["model"], ds["binned"], ds["split"], ds["hvg"], tmp_path / "a", {"knn_k": 3})
+    params = {"knn_k": 3, "n_bootstrap": 100}
+    a = evaluate(ds["model"], ds["binned"], ds["split"], ds["hvg"], tmp_path / "a", params)
     b = evaluate(
         ds["model"],
         ds["binned"],
         ds["split"],
         ds["hvg"],
         tmp_path / "b",
-        {"knn_k": 3, "batch_size": 4},
+        {**params, "batch_size": 4},
     )
     assert (tmp_path / "a" / "eval_metrics.json").read_bytes() == (
         tmp_path / "b" / "eval_metrics.json"
@@ -354,7 +370,8 @@ def test_unlabelled_data_skips_probes(tmp_path: Path) -> None:
     assert res["metrics"]["probe_cls_logreg_accuracy"] is None
     assert res["metrics"]["model_bin_acc"] is not None
     # padded cells: only real (non-zero here) tokens are masked, so every masked bin is > 0
-    assert res["details"]["masked_value"]["model"]["n_nonzero"] == res["metrics"]["n_masked"]
+    assert res["details"]["bin_space"]["model"]["n_nonzero"] == res["metrics"]["n_masked"]
+    assert res["metrics"]["n_masked_nonzero"] == res["metrics"]["n_masked"]
     text = (tmp_path / "out" / "eval_metrics.json").read_text()
     assert "NaN" not in text  # strict JSON
 
@@ -365,19 +382,20 @@ def test_mse_model_msa_groups_and_label_head(ds: dict, tmp_path: Path) -> None:
     model = write_model(tmp_path / "model.pt", cfg, n_labels=3)
     res = evaluate(model, ds["binned"], ds["split"], ds["hvg"], tmp_path / "out", FAST)
     m = res["metrics"]
-    assert m["model_ce"] is None and m["baseline_ce"] is not None
+    assert m["model_bin_ce"] is None and m["mean_bin_ce"] is not None
+    assert m["model_expr_mse"] is not None  # the regression head decodes through the bin values
     assert m["n_masked"] == 12 * 3  # repeated cells completing the last group are not counted
     assert 0 <= m["head_accuracy"] <= 1
     assert res["details"]["n_test_cells"] == 12
 
 
 def test_bad_input_raises_input_error(ds: dict, tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="unknown key 'knn'"):
+    with pytest.raises(InputError, match="'evaluation.knn' is unknown"):
         evaluate(ds["model"], ds["binned"], ds["split"], ds["hvg"], tmp_path, {"knn": 3})
     with pytest.raises(InputError, match="batch_size"):
         evaluate(ds["model"], ds["binned"], ds["split"], ds["hvg"], tmp_path, {"batch_size": 0})
     wrong = tmp_path / "wrong.pt"
-    d = torch.load(ds["model"], weights_only=False)
+    d = torch.load(ds["model"], weights_only=True)
     torch.save({**d, "n_genes": N_GENES + 1}, wrong)
     with pytest.raises(InputError, match="genes"):
         evaluate(wrong, ds["binned"], ds["split"], ds["hvg"], tmp_path, FAST)

@@ -55,7 +55,7 @@ def test_journal_table_rows_reproduced_exactly():
     assert "524,288 MB" in md and "167,772 MB" in md and "| 41 MB |" in md
 
 
-@pytest.mark.parametrize("preset", ["bioformer", "evoformer"])
+@pytest.mark.parametrize("preset", ["none", "bioformer", "evoformer"])
 @pytest.mark.parametrize("kw", [{}, {"value_encoder": "continuous", "loss": "mse", "n_labels": 5}])
 def test_parameter_counts_match_the_model(preset, kw):
     spec = small_spec(preset, **kw)
@@ -79,6 +79,8 @@ CASES = [
     ("evoformer", "bf16", {"blocks_per_ckpt": 1, "chunk_size": 16}),
     ("evoformer", "fp32", {"opm": "naive", "ln_order": "post"}),
     ("bioformer", "bf16", {"grad_accumulation": 4, "n_genes": 20000}),
+    ("none", "fp32", {}),
+    ("none", "bf16", {"blocks_per_ckpt": 1}),
 ]
 
 
@@ -92,8 +94,9 @@ def test_analytical_matches_traced_within_10_percent(preset, precision, kw):
     assert a.by_category["optimizer"] == pytest.approx(t.by_category["optimizer"], rel=0.05)
 
 
-def test_analytical_matches_traced_for_a_cpu_step():
-    spec = small_spec("evoformer", "fp32", device="cpu", n_cells_per_msa=2)
+@pytest.mark.parametrize("preset", ["none", "evoformer"])
+def test_analytical_matches_traced_for_a_cpu_step(preset):
+    spec = small_spec(preset, "fp32", device="cpu", n_cells_per_msa=2)
     assert estimate(spec).peak_bytes == pytest.approx(trace_step(spec).peak_bytes, rel=0.10)
 
 

@@ -74,7 +74,7 @@ def test_bad_input_is_one_line():
         preflight(model, train, {"n_genes": 5, "n_bins": 5}, 80)
     with pytest.raises(InputError, match="train.micro_batch_size"):
         spec_from_config(model, {"micro_batch_size": 0}, shape)
-    with pytest.raises(InputError, match="unknown key"):
+    with pytest.raises(InputError, match="d_model. is unknown"):
         spec_from_config({"d_model": 3}, train, shape)
 
 

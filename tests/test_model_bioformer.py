@@ -77,6 +77,10 @@ def test_config_presets_defaults_overrides_and_round_trip():
         ({"chunk_size": -1}, "chunk_size"),
         ({"tri_mul_in": "yes"}, "tri_mul_in"),
         ({"loss": "l1"}, "loss"),
+        ({"preset": "none", "tri_mul_out": True}, "tri_mul_out"),
+        ({"c_m": "16"}, "c_m"),
+        ({"c_m": 16.0}, "c_m"),
+        ({"dropout_msa": "high"}, "dropout_msa"),
     ],
 )
 def test_config_rejects_bad_keys_naming_them(d, key):
@@ -92,6 +96,8 @@ def test_config_rejects_bad_keys_naming_them(d, key):
         ("bioformer", "continuous", "mse", 1),
         ("evoformer", "continuous", "ce", 3),
         ("evoformer", "embedding", "mse", 2),
+        ("none", "embedding", "ce", 1),
+        ("none", "continuous", "mse", 2),
     ],
 )
 def test_forward_shapes_and_loss_backward(preset, encoder, loss, s):
@@ -113,7 +119,11 @@ def test_forward_shapes_and_loss_backward(preset, encoder, loss, s):
     assert out["pred"].shape == ((b, s, L, K) if loss == "ce" else (b, s, L))
     assert out["cls"].shape == out["mean"].shape == (b, s, cfg.c_m)
     assert out["label_logits"].shape == (b, s, 3)
-    assert out["z"].shape == (b, L + 1, L + 1, cfg.c_z)
+    if preset == "none":  # the ablation: no pair representation at all
+        assert out["z"] is None
+        assert not any("pair" in n or "outer_product" in n for n, _ in model.named_parameters())
+    else:
+        assert out["z"].shape == (b, L + 1, L + 1, cfg.c_z)
     total, metrics = model.loss(batch)
     total.backward()
     assert set(metrics) >= {"value_loss", "label_loss", "bin_acc", "loss"}
@@ -205,6 +215,27 @@ def test_apply_value_mask_counts_positions_and_is_deterministic():
     assert not torch.equal(other[1], loss_mask)
 
 
+def test_apply_value_mask_draws_a_share_from_non_zero_genes():
+    values = torch.tensor([[[0, 0, 0, 0, 0, 0, 0, 0, 3, 4, 5, 2, 0, 0, 0, 0, 0, 0, 0, 0]]])
+    pad = torch.ones_like(values, dtype=torch.bool)
+    for frac, n_nonzero in ((None, None), (1.0, 4), (0.25, 2), (0.0, 0)):
+        for seed in range(5):
+            gen = torch.Generator().manual_seed(seed)
+            _, lm = apply_value_mask(values, pad, 0.4, K, gen, nonzero_fraction=frac)
+            assert lm.sum() == 8  # round(0.4 * 20)
+            if n_nonzero is not None:
+                assert int((values[lm] > 0).sum()) == n_nonzero
+    # fewer non-zeros than asked for: all of them, the rest from the zeros
+    _, lm = apply_value_mask(values, pad, 0.6, K, torch.Generator().manual_seed(0), 1.0)
+    assert lm.sum() == 12 and int((values[lm] > 0).sum()) == 4
+
+
+def test_preset_none_refuses_a_prior():
+    cfg = ModelConfig.from_dict({**SMALL, "preset": "none"})
+    with pytest.raises(ValueError, match="preset none"):
+        BioFormer(cfg, n_genes=G, n_bins=K, prior=torch.zeros(G, G))
+
+
 # --------------------------------------------------------------------------- prior network
 def test_load_prior_network(tmp_path):
     genes = ["A", "B", "C", "D"]
@@ -240,6 +271,20 @@ def test_load_prior_network_rejects_bad_files(tmp_path, text, match):
     assert "bad.tsv" in str(err.value)
     with pytest.raises(InputError, match="missing.tsv"):
         load_prior_network(tmp_path / "missing.tsv", ["A"])
+
+
+def test_load_prior_network_refuses_other_gene_identifiers(tmp_path):
+    """A network in other identifiers would become an all-zero matrix: refused, naming the key."""
+    path = tmp_path / "ensembl.tsv"
+    path.write_text("source\ttarget\nENSG1\tENSG2\nENSG3\tENSG2\n")
+    with pytest.raises(InputError, match="min_gene_share") as err:
+        load_prior_network(path, ["A", "B", "C"])
+    assert "ensembl.tsv" in str(err.value) and "0 of the network's 3 genes" in str(err.value)
+    half = tmp_path / "half.tsv"
+    half.write_text("source\ttarget\nA\tB\nX\tY\nX\tZ\nY\tZ\n")  # 2 of 5 genes known
+    with pytest.raises(InputError, match="overlap 0.67 < "):
+        load_prior_network(half, ["A", "B", "C"], min_gene_share=0.8)
+    assert load_prior_network(half, ["A", "B", "C"], min_gene_share=0.5)[0, 1] == 1.0
 
 
 def test_prior_enters_the_pair_representation():
@@ -280,7 +325,7 @@ def test_count_parameters_per_component():
     assert "other" not in counts
 
 
-@pytest.mark.parametrize("preset", ["bioformer", "evoformer"])
+@pytest.mark.parametrize("preset", ["none", "bioformer", "evoformer"])
 def test_runs_under_fake_tensor_mode(preset):
     cfg = ModelConfig.from_dict({**SMALL, "preset": preset, "chunk_size": 3, "blocks_per_ckpt": 1})
     with FakeTensorMode():

@@ -18,6 +18,7 @@ from evoformer.tables import (
     lower_is_better,
     read_selected,
     select_best,
+    selection,
 )
 
 SWEEP = ["n_bins", "ln_order"]
@@ -31,6 +32,31 @@ VAL = {
     (21, "post"): [0.95, 0.85],  # mean 0.90
 }
 TEST_BIN_ACC = {(11, "pre"): 0.9, (11, "post"): 0.1, (21, "pre"): 0.99, (21, "post"): 0.2}
+# expression-space test metrics: the model better on MSE, undecided on Pearson, worse on AUROC
+EXPR = {
+    "model_expr_mse": 0.5,
+    "model_expr_mse_lo": 0.45,
+    "model_expr_mse_hi": 0.55,
+    "ridge_expr_mse": 0.6,
+    "ridge_expr_mse_lo": 0.55,
+    "ridge_expr_mse_hi": 0.65,
+    "best_baseline_expr_mse": "ridge",
+    "diff_expr_mse": -0.1,
+    "diff_expr_mse_lo": -0.15,
+    "diff_expr_mse_hi": -0.05,
+    "model_expr_pearson": 0.70,
+    "knn_expr_pearson": 0.71,
+    "best_baseline_expr_pearson": "knn",
+    "diff_expr_pearson": -0.01,
+    "diff_expr_pearson_lo": -0.04,
+    "diff_expr_pearson_hi": 0.02,
+    "model_expr_auroc_zero": 0.80,
+    "mean_expr_auroc_zero": 0.90,
+    "best_baseline_expr_auroc_zero": "mean",
+    "diff_expr_auroc_zero": -0.1,
+    "diff_expr_auroc_zero_lo": -0.12,
+    "diff_expr_auroc_zero_hi": -0.08,
+}
 
 
 def write_run(
@@ -44,13 +70,21 @@ def write_run(
     ]
     if val_loss is not None:
         rows += [
-            {"kind": "val", "step": 2, "epoch": 0, "val_loss": val_loss + 0.5, "val_bin_acc": 0.3},
+            {
+                "kind": "val",
+                "step": 2,
+                "epoch": 0,
+                "val_loss": val_loss + 0.5,
+                "val_bin_acc": 0.3,
+                "val_expr_mse": val_loss + 0.5,
+            },
             {
                 "kind": "val",
                 "step": 3,
                 "epoch": 1,
                 "val_loss": val_loss,
                 "val_bin_acc": 1 - val_loss / 2,
+                "val_expr_mse": val_loss,
             },
         ]
     pd.DataFrame(rows).to_csv(d / "metrics.tsv", sep="\t", index=False)
@@ -62,6 +96,9 @@ def write_run(
         "peak_memory_bytes": 123456789,
         "peak_memory_source": "rss",
         "precision": "fp32",
+        "n_parameters": 1234,
+        "selected_step": 3,
+        "selected_epochs": 1.5 if fold != 1 else 2.5,
         "config": {"model": {"n_bins": point[0], "ln_order": point[1]}, "fold": str(fold)},
         "system": {
             "hostname": f"node{speed:.0f}",
@@ -74,10 +111,12 @@ def write_run(
     ev = {
         "metrics": {
             "n_masked": 100,
+            "n_masked_nonzero": 40,
             "model_bin_acc": test_acc,
-            "baseline_bin_acc": 0.25,
-            "model_pearson": float("nan"),
+            "mean_bin_acc": 0.25,
+            "model_bin_pearson": float("nan"),
             "probe_cls_logreg_accuracy": None,
+            **EXPR,
         },
         "versions": {"evoformer": "0.1.0", "scanpy": "1.11.5", "torch": "2.13.0"},
     }
@@ -154,8 +193,9 @@ def test_metrics_table_content_and_provenance(records: list[dict], tmp_path: Pat
     assert row["val_loss"] == "0.85"  # the last validation row, not the earlier one
     assert row["val_bin_acc"] == fmt(1 - 0.85 / 2)
     assert row["train_loss"] == "1.7"
-    assert row["model_bin_acc"] == "0.2" and row["baseline_bin_acc"] == "0.25"
-    assert row["model_pearson"] == "NA" and row["probe_cls_logreg_accuracy"] == "NA"
+    assert row["model_bin_acc"] == "0.2" and row["mean_bin_acc"] == "0.25"
+    assert row["model_bin_pearson"] == "NA" and row["probe_cls_logreg_accuracy"] == "NA"
+    assert row["n_parameters"] == "1234" and row["diff_expr_mse_lo"] == "-0.15"
     assert row["n_masked"] == "100"
     assert row["git_commit"] == "abc123" and row["torch"] == "2.13.0" and row["scanpy"] == "1.11.5"
     assert row["device"] == "cpu" and len(row["config_hash"]) == 12
@@ -194,12 +234,38 @@ def test_cv_summary_mean_std_and_selection_ignore_test_metrics(
     assert "model_bin_acc" not in " ".join(cv.columns)
     assert read_selected(paths["cv_summary"], SWEEP) == {"n_bins": "11", "ln_order": "post"}
     assert select_best(records, SWEEP) == {"n_bins": 11, "ln_order": "post"}
+    assert select_best(records, SWEEP, "val_loss") == {"n_bins": 11, "ln_order": "post"}
+    # the final retrain trains for the mean of the epochs early stopping chose in the folds
+    chosen = selection(records, SWEEP)
+    assert chosen["selected"] == {"n_bins": 11, "ln_order": "post"}
+    assert chosen["final_epochs"] == pytest.approx((1.5 + 2.5) / 2)
     # maximising the validation bin accuracy picks the same point (acc = 1 - loss / 2)
     assert select_best(records, SWEEP, "val_bin_acc") == {"n_bins": 11, "ln_order": "post"}
     assert select_best(records, SWEEP, "val_loss", higher_is_better=True) == {
         "n_bins": 21,
         "ln_order": "pre",
     }
+
+
+def test_summary_states_model_baseline_difference_and_verdict(
+    records: list[dict], tmp_path: Path
+) -> None:
+    paths = build_tables(records, SWEEP, tmp_path, {"git_commit": "abc123"})
+    text = paths["summary"].read_text()
+    assert "Commit `abc123`" in text
+    final = text.split("## n_bins=11, ln_order=post (final retrain")[1].split("##")[0]
+    mse = next(line for line in final.splitlines() if "masked expression MSE (all" in line)
+    assert "the model scores 0.5 (95% CI 0.45 to 0.55)" in mse
+    assert "ridge co-expression" in mse and "scores 0.6 (95% CI 0.55 to 0.65)" in mse
+    assert "Difference -0.1 (95% CI -0.15 to -0.05): the model is better." in mse
+    pearson = next(line for line in final.splitlines() if "Pearson correlation of" in line)
+    assert "no clear difference" in pearson and "kNN" in pearson
+    auroc = next(line for line in final.splitlines() if "AUROC" in line)
+    assert auroc.endswith("the baseline is better.")
+    assert "beats the strongest baseline on 1 of the 6 metrics and loses on 1" in final
+    selection_part = text.split("## Model selection")[1]
+    assert "1. n_bins=11, ln_order=post: val_expr_mse 0.75" in selection_part
+    assert "(selected)" in selection_part.splitlines()[2]
 
 
 def test_selection_direction_from_name() -> None:
@@ -253,7 +319,14 @@ def test_workflow_script_writes_outputs_and_one_line_errors(
         s.output = Namedlist(
             fromdict={
                 k: str(out / f"{k}.out")
-                for k in ("metrics", "cv_summary", "performance", "metric_plot", "learning_curves")
+                for k in (
+                    "summary",
+                    "metrics",
+                    "cv_summary",
+                    "performance",
+                    "metric_plot",
+                    "learning_curves",
+                )
             }
         )
         s.params = Namedlist(

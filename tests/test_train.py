@@ -113,7 +113,7 @@ def run(pbmc, out: Path, ckpt: Path, train: dict | None = None, timeout: float =
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(out / "model.pt", map_location="cpu", weights_only=False)["model"]
+    return torch.load(out / "model.pt", map_location="cpu", weights_only=True)["model"]
 
 
 def logtext(out: Path) -> str:
@@ -157,6 +157,8 @@ def test_rerun_is_bit_identical(pbmc, reference: Path, tmp_path: Path) -> None:
     assert run(pbmc, tmp_path / "out", tmp_path / "ckpt") == 0
     a, b = weights(reference), weights(tmp_path / "out")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the file itself, not only the tensors (torch.save to a temp name used to differ)
+    assert (reference / "model.pt").read_bytes() == (tmp_path / "out" / "model.pt").read_bytes()
 
 
 def test_kill9_then_resume_equals_uninterrupted(pbmc, reference: Path, tmp_path: Path) -> None:
@@ -210,19 +212,120 @@ def test_sigusr1_checkpoints_and_continues(pbmc, tmp_path: Path) -> None:
     assert (out / "model.pt").exists()
 
 
-def test_corrupt_and_foreign_checkpoints_are_refused(pbmc, tmp_path: Path) -> None:
-    from evoformer.train import load_checkpoint
+def test_corrupt_checkpoints_stop_and_foreign_ones_are_moved_aside(pbmc, tmp_path: Path) -> None:
+    from evoformer.train import CheckpointFolder
 
-    bad = tmp_path / "last.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match="is corrupt"):
-        load_checkpoint(bad, "abc")
-    torch.save({"config_hash": "other"}, bad)
-    with pytest.raises(InputError, match="another configuration"):
-        load_checkpoint(bad, "abc")
-    # end to end: the run fails with the message instead of silently loading
+    folder = CheckpointFolder(tmp_path / "c", rank=0)
+    folder.path.mkdir()
+    folder.last.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match=r"c/last.pt is corrupt"):
+        folder.load("abc")
+    torch.save({"config_hash": "other"}, folder.last)
+    assert folder.load("abc") is None
+    assert (folder.path / "last.other.pt").exists() and not folder.last.exists()
+    # end to end: an interrupted run's checkpoint for other settings (e.g. another lr) is kept
+    # aside, logged, and the rerun trains afresh instead of stopping
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    torch.save({"config_hash": "other"}, ckpt / "last.pt")
-    assert run(pbmc, tmp_path / "out", ckpt) != 0
-    assert "written for another configuration" in logtext(tmp_path / "out")
+    torch.save({"config_hash": "stale"}, ckpt / "last.pt")
+    assert run(pbmc, tmp_path / "out", ckpt) == 0, logtext(tmp_path / "out")
+    assert "written for other settings" in logtext(tmp_path / "out")
+    assert (ckpt / "last.stale.pt").exists()
+
+
+def test_a_second_training_on_the_same_checkpoint_folder_stops_at_once(
+    pbmc, tmp_path: Path
+) -> None:
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    p = launch(pbmc, out, ckpt, train={"epochs": 50})
+    deadline = time.time() + 120
+    while "Step 1/" not in (logtext(out) if (tmp_path / "out.log").exists() else ""):
+        assert p.poll() is None and time.time() < deadline, logtext(out)
+        time.sleep(0.2)
+    t0 = time.time()
+    rc = run(pbmc, tmp_path / "second", ckpt, timeout=120)
+    assert rc != 0 and time.time() - t0 < 90
+    errors = [x for x in logtext(tmp_path / "second").splitlines() if x.startswith("error: ")]
+    assert errors and "is in use by another training (PID" in errors[0] and "on host" in errors[0]
+    assert p.poll() is None  # the first training goes on
+    signal_tree(p.pid, signal.SIGKILL)
+    p.wait()
+
+
+def test_workers_die_with_their_launcher(pbmc, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    p = launch(pbmc, out, tmp_path / "ckpt", train={"epochs": 50})
+    deadline = time.time() + 120
+    while "Step 2/" not in (logtext(out) if (tmp_path / "out.log").exists() else ""):
+        assert p.poll() is None and time.time() < deadline, logtext(out)
+        time.sleep(0.2)
+    workers = [
+        c
+        for c in psutil.Process(p.pid).children(recursive=True)
+        if "evoformer.train" in " ".join(c.cmdline())
+    ]
+    assert len(workers) == 2
+    p.kill()  # the launcher (torchrun's agent) alone, no chance to clean up
+    p.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, "training processes outlived their launcher"
+
+
+def test_early_stopping_keeps_the_best_weights(pbmc, tmp_path: Path) -> None:
+    """With min_delta huge nothing after the first validation counts as better: training stops
+    after `patience` validations and model.pt holds the first validation's weights."""
+    out = tmp_path / "out"
+    train = {"epochs": 20, "val_every": 2, "patience": 2, "min_delta": 1e9}
+    assert run(pbmc, out, tmp_path / "ckpt", train=train) == 0, logtext(out)
+    summary = json.loads((out / "performance_summary.json").read_text())
+    assert summary["stopped_early"] and summary["selected_step"] == 2
+    assert summary["total_steps"] == 6  # validations at 2 (best), 4, 6 -> stop
+    assert summary["selected_weights"] == "best"
+    assert "early stopping at step 6" in logtext(out)
+    assert torch.load(out / "model.pt", weights_only=True)["selected_step"] == 2
+
+
+def test_outputs_that_cannot_be_written_keep_the_final_checkpoint(pbmc, tmp_path: Path) -> None:
+    """A failure while writing the outputs loses no training: the final state is checkpointed
+    first, and the rerun only writes the outputs."""
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    (out / "model.pt").mkdir(parents=True)  # os.replace onto a folder fails
+    assert run(pbmc, out, ckpt) != 0
+    assert (ckpt / "last.pt").exists()
+    (out / "model.pt").rmdir()
+    assert run(pbmc, out, ckpt) == 0, logtext(out)
+    text = logtext(out)
+    assert "resumed from" in text and text.count("Step 1/") == 1  # no step trained twice
+    assert (out / "model.pt").is_file()
+
+
+def test_an_unwritable_output_folder_fails_before_training(pbmc, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "out"  # a folder below a file: cannot be created, even as root
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    spec = {"model": MODEL, "train": TRAIN, "fold": -1, "final": False}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evoformer.train",
+            "--binned",
+            str(pbmc["binned"]),
+            "--split",
+            str(pbmc["split"]),
+            "--spec",
+            json.dumps(spec),
+            "--out",
+            str(out),
+            "--ckpt-dir",
+            str(tmp_path / "ckpt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and "output folder" in errors[0] and "not writable" in errors[0]
+    assert "Step 1/" not in proc.stderr

@@ -99,8 +99,47 @@ def _error_lines(output: str) -> list[str]:
             {"binning": {"tie_mode": "scgpt"}},
             "invalid config: binning.tie_mode: 'scgpt' is not one of",
         ),
+        (
+            {"cv": {"enabled": "false"}},
+            "invalid config: cv.enabled: 'false' is not of type 'boolean'",
+        ),
+        (
+            {"evaluation": {"knn": 3}},
+            "invalid config: evaluation: Additional properties are not allowed ('knn' was",
+        ),
+        (
+            {"experiment": {"train": {"epochs": "three"}}},
+            "invalid config: experiment.train.epochs: 'three' is not of type 'integer'",
+        ),
+        (
+            {"sweep": {"ln_order": ["../x"]}},
+            "invalid config: sweep.ln_order.0: '../x' is not valid under any of the given schemas",
+        ),
+        (
+            {
+                "sweep": {"n_bins": [11, 21]},
+                "cv": {"enabled": True, "selection_metric": "val_loss"},
+            },
+            "invalid config: config key 'cv.selection_metric': val_loss is a bin-space metric",
+        ),
+        (
+            {"experiment": {"train": {"global_batch_size": 24}}},
+            "invalid config: config key 'experiment.train.global_batch_size' (24) is not a multiple",
+        ),
     ],
-    ids=["unknown_dataset", "n_bins", "type", "unknown_key", "enum"],
+    ids=[
+        "unknown_dataset",
+        "n_bins",
+        "type",
+        "unknown_key",
+        "enum",
+        "cv_string_bool",
+        "evaluation_key",
+        "train_type",
+        "unsafe_sweep_value",
+        "bin_space_selection",
+        "batch_arithmetic",
+    ],
 )
 def test_bad_config_stops_with_one_line(make_workflow, updates, message):
     wf = make_workflow("badconfig")
@@ -108,6 +147,19 @@ def test_bad_config_stops_with_one_line(make_workflow, updates, message):
     assert proc.returncode != 0
     lines = _error_lines(proc.stdout)
     assert len(lines) == 1 and lines[0].startswith(message), proc.stdout[-2000:]
+
+
+def test_preprocess_target_checks_the_training_settings_too(make_workflow):
+    """`snakemake preprocess` runs no training, but a bad training key still stops it."""
+    wf = make_workflow("preprocess_checks")
+    cfg = wf.config("bad", experiment={"train": {"lr_warmup": 3}})
+    proc = wf.run("preprocess", "--dry-run", configfile=cfg, check=False)
+    assert proc.returncode != 0
+    lines = _error_lines(proc.stdout)
+    assert len(lines) == 1 and "experiment.train" in lines[0] and "lr_warmup" in lines[0]
+    # PyYAML reads 1e-3 as a string: accepted as the number it means
+    ok = wf.config("ok", experiment={"train": {"lr": "1e-3"}})
+    assert wf.run("--dry-run", configfile=ok, check=False).returncode == 0
 
 
 def test_bad_input_fails_the_rule_with_one_line_and_no_output(preprocessed_workflow, make_workflow):

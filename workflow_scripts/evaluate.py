@@ -7,12 +7,12 @@ Expects (the rule's names)::
             split="results/{dataset}/split.tsv",
             hvg="results/{dataset}/hvg{n_hvg}/hvg.h5ad",
             prior=<prior TSV>                                     (optional)
+            network=<true network TSV>                            (optional, planted data)
     output: metrics="<exp>/eval/eval_metrics.json",
             embeddings="<exp>/eval/embeddings.h5ad",
             umap="<exp>/eval/umap.png"
     params: fold=<k >= 0 | -1 | "holdout" | "final">,
-            eval={mask_ratio, seed, batch_size, knn_k, n_pcs, max_probe_train_cells, umap,
-                  device}                                         (optional, evoformer.evaluate.EvalParams)
+            eval={...}         (optional: the config's evaluation section, evoformer.evaluate.EvalParams)
     log:    "logs/.../evaluate.log"
 
 Errors from bad input end up as one line in the log (and the job fails).
@@ -40,6 +40,7 @@ def main() -> None:
     else:
         eval_params["fold"] = -1 if fold in (None, "holdout") else int(fold)
     prior = inp.prior if "prior" in inp.keys() and inp.prior else None
+    network = inp.network if "network" in inp.keys() and inp.network else None
     evaluate(
         inp.model,
         binned,
@@ -49,6 +50,7 @@ def main() -> None:
         eval_params,
         prior=prior,
         outputs={"metrics": out.metrics, "embeddings": out.embeddings, "umap": out.umap},
+        network=network,
     )
 
 

@@ -5,7 +5,8 @@ Expects (the rule's names)::
     input:  every file the records name (eval_metrics.json, performance_summary.json, train
             metrics.tsv of every experiment/fold): only for the DAG, the script reads the
             paths from params.records
-    output: metrics="results/tables/metrics.tsv",
+    output: summary="results/tables/summary.md",
+            metrics="results/tables/metrics.tsv",
             cv_summary="results/tables/cv_summary.tsv",
             performance="results/tables/performance.tsv",
             metric_plot="results/tables/metric_vs_key.png",
@@ -13,7 +14,7 @@ Expects (the rule's names)::
     params: records=[{id, <sweep key>: value, ..., fold, eval_metrics, performance_summary,
                       train_metrics, config_hash | spec}, ...],
             sweep_keys=["n_hvg", "n_bins", ...],
-            selection_metric="val_loss",               (optional)
+            selection_metric="val_expr_mse",           (optional)
             higher_is_better=None,                     (optional; None: inferred from the name)
             git_commit="<git rev-parse HEAD or 'unknown'>",
             provenance={...}                           (optional fallbacks: torch, scanpy, device)
@@ -58,7 +59,7 @@ def main() -> None:
         list(params.sweep_keys),
         Path(out.metrics).parent,
         provenance,
-        selection_metric=getattr(params, "selection_metric", None) or "val_loss",
+        selection_metric=getattr(params, "selection_metric", None) or "val_expr_mse",
         higher_is_better=getattr(params, "higher_is_better", None),
         outputs=outputs,
     )

@@ -17,7 +17,15 @@ import pandas as pd
 
 from evoformer.errors import InputError
 
-BINNED_FILES = ("values.npy", "gene_index.npy", "edges.npy", "cells.tsv", "genes.tsv", "meta.json")
+BINNED_FILES = (
+    "values.npy",
+    "gene_index.npy",
+    "edges.npy",
+    "expression.npy",
+    "cells.tsv",
+    "genes.tsv",
+    "meta.json",
+)
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,7 @@ class BinnedData:
     gene_index: [N, L] gene index per token, -1 = padding (include_zero_genes false),
         or [1, L] shared by every cell (include_zero_genes true; L = number of genes).
     edges: [N, n_bins-1] float32 per-cell bin edges.
+    expression: [N, L] float32 log1p-normalised value of each token (0 = zero or padding).
     cells: DataFrame [N] (cell_id[, label]), row i = row i of values.
     genes: DataFrame [G] (gene_id), row g = gene index g.
     meta: the folder's meta.json.
@@ -37,6 +46,7 @@ class BinnedData:
     values: np.ndarray
     gene_index: np.ndarray
     edges: np.ndarray
+    expression: np.ndarray
     cells: pd.DataFrame
     genes: pd.DataFrame
     meta: dict[str, Any]
@@ -54,6 +64,7 @@ class BinnedData:
         values = np.load(folder / "values.npy", mmap_mode="r")
         gene_index = np.load(folder / "gene_index.npy", mmap_mode="r")
         edges = np.load(folder / "edges.npy", mmap_mode="r")
+        expression = np.load(folder / "expression.npy", mmap_mode="r")
         cells = pd.read_csv(folder / "cells.tsv", sep="\t", dtype={"cell_id": str, "label": str})
         genes = pd.read_csv(folder / "genes.tsv", sep="\t", dtype={"gene_id": str})
         n, length = meta["n_cells"], meta["max_len"]
@@ -61,6 +72,7 @@ class BinnedData:
             "values.npy": (values.shape, (n, length)),
             "gene_index.npy": (gene_index.shape, (1 if meta["include_zero_genes"] else n, length)),
             "edges.npy": (edges.shape, (n, meta["n_bins"] - 1)),
+            "expression.npy": (expression.shape, (n, length)),
             "cells.tsv": ((len(cells),), (n,)),
             "genes.tsv": ((len(genes),), (meta["n_genes"],)),
         }
@@ -69,7 +81,7 @@ class BinnedData:
                 raise InputError(
                     f"{folder / name}: shape {tuple(got)} does not match meta.json {tuple(want)}"
                 )
-        return cls(folder, values, gene_index, edges, cells, genes, meta)
+        return cls(folder, values, gene_index, edges, expression, cells, genes, meta)
 
     def __len__(self) -> int:
         return int(self.meta["n_cells"])

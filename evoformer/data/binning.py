@@ -298,7 +298,9 @@ def bin_h5ad(
     ``gene_index.npy`` [N, L] gene index per token, -1 = padding (include_zero_genes
     false: each cell's non-zero genes in gene order, L = most non-zeros in a cell),
     or [1, G] (include_zero_genes true: L = G, every cell has every gene);
-    ``edges.npy`` [N, n_bins-1] float32; ``cells.tsv`` (cell_id[, label]);
+    ``edges.npy`` [N, n_bins-1] float32; ``expression.npy`` [N, L] float32, the log1p value
+    of each token (0 for zeros and padding; what expression-space metrics score against);
+    ``cells.tsv`` (cell_id[, label]);
     ``genes.tsv`` (gene_id); ``meta.json``. Each file is written atomically.
     Returns the meta.json content.
     """
@@ -327,8 +329,12 @@ def bin_h5ad(
             tmp_values = stack.enter_context(atomic_path(out_dir / "values.npy"))
             tmp_index = stack.enter_context(atomic_path(out_dir / "gene_index.npy"))
             tmp_edges = stack.enter_context(atomic_path(out_dir / "edges.npy"))
+            tmp_expr = stack.enter_context(atomic_path(out_dir / "expression.npy"))
             open_memmap = np.lib.format.open_memmap
             values = open_memmap(tmp_values, mode="w+", dtype=vdtype, shape=(n_cells, max_len))
+            expression = open_memmap(
+                tmp_expr, mode="w+", dtype=np.float32, shape=(n_cells, max_len)
+            )
             edges = open_memmap(tmp_edges, mode="w+", dtype=np.float32, shape=(n_cells, n_bins - 1))
             index_shape = (1, n_genes) if include_zero_genes else (n_cells, max_len)
             gene_index = open_memmap(tmp_index, mode="w+", dtype=gdtype, shape=index_shape)
@@ -343,21 +349,25 @@ def bin_h5ad(
                 bins, cell_edges = bin_csr_rows(block, n_bins, tie_mode, rng, n_threads=n_threads)
                 edges[start:stop] = cell_edges
                 rows = np.repeat(np.arange(stop - start), np.diff(block.indptr))
-                if include_zero_genes:
-                    chunk = np.zeros((stop - start, n_genes), dtype=vdtype)
-                    chunk[rows, block.indices] = bins
-                    values[start:stop] = chunk
-                else:
-                    slot = np.arange(block.nnz) - block.indptr[:-1][rows]
-                    chunk = np.zeros((stop - start, max_len), dtype=vdtype)
-                    chunk[rows, slot] = bins
-                    values[start:stop] = chunk
+                cols = (
+                    block.indices
+                    if include_zero_genes
+                    else np.arange(block.nnz) - block.indptr[:-1][rows]
+                )
+                chunk = np.zeros((stop - start, max_len), dtype=vdtype)
+                chunk[rows, cols] = bins
+                values[start:stop] = chunk
+                chunk_expr = np.zeros((stop - start, max_len), dtype=np.float32)
+                chunk_expr[rows, cols] = block.data
+                expression[start:stop] = chunk_expr
+                if not include_zero_genes:
+                    slot = cols
                     chunk_index = np.full((stop - start, max_len), -1, dtype=gdtype)
                     chunk_index[rows, slot] = block.indices
                     gene_index[start:stop] = chunk_index
-            for array in (values, gene_index, edges):
+            for array in (values, gene_index, edges, expression):
                 array.flush()
-            del values, gene_index, edges
+            del values, gene_index, edges, expression
 
     cells = pd.DataFrame({"cell_id": obs.index.astype(str)})
     if "label" in obs.columns:

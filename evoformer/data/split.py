@@ -35,6 +35,31 @@ def _check_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
+def _group_sizes(size: int, frac: Mapping[str, float]) -> tuple[int, int]:
+    """(test, val) cells of one label group of ``size`` cells; the rest is train."""
+    n_test = math.floor(size * frac["test"] + 0.5)
+    n_val = min(size - n_test, math.floor(size * frac["val"] + 0.5))
+    return n_test, n_val
+
+
+def split_sizes(
+    n_by_label: Mapping[str, int], fractions: Mapping[str, float], n_folds: int = 0
+) -> dict[str, int]:
+    """The sizes :func:`split_cells` produces, from the cell count per label (one entry when
+    unlabelled or not stratified): ``train``, ``val``, ``test`` and ``smallest_fold_train`` (the
+    training cells of the CV fold with the most held-out cells; train+val without CV)."""
+    frac = _check_fractions(fractions)
+    sizes = {"train": 0, "val": 0, "test": 0}
+    for size in n_by_label.values():
+        n_test, n_val = _group_sizes(int(size), frac)
+        sizes["test"] += n_test
+        sizes["val"] += n_val
+        sizes["train"] += int(size) - n_test - n_val
+    trainval = sizes["train"] + sizes["val"]
+    sizes["smallest_fold_train"] = trainval - (-(-trainval // n_folds) if n_folds else 0)
+    return sizes
+
+
 def split_cells(
     cell_ids: Sequence[str],
     labels: Sequence[str] | None,
@@ -67,9 +92,7 @@ def split_cells(
     fold_order: list[np.ndarray] = []
     for g in range(group_of.max() + 1):
         members = rng.permutation(np.flatnonzero(group_of == g))
-        size = len(members)
-        n_test = math.floor(size * frac["test"] + 0.5)
-        n_val = min(size - n_test, math.floor(size * frac["val"] + 0.5))
+        n_test, n_val = _group_sizes(len(members), frac)
         split[members[:n_test]] = "test"
         split[members[n_test : n_test + n_val]] = "val"
         split[members[n_test + n_val :]] = "train"
@@ -114,3 +137,24 @@ def run_split(
     with atomic_path(out_tsv) as tmp:
         table.to_csv(tmp, sep="\t", index=False)
     return table
+
+
+def cells_by_label(path: str | os.PathLike, label_key: str | None) -> dict[str, int]:
+    """Cells per label of an .h5ad read from its obs index and label column only (cheap, for
+    checks before any job runs); one ``"all"`` entry without a label key."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        obs = f["obs"]
+        index = obs.attrs.get("_index", "_index")
+        n = len(obs[index])
+        if not label_key or label_key not in obs:
+            return {"all": n}
+        col = obs[label_key]
+        if isinstance(col, h5py.Group):  # categorical: codes + categories
+            codes = col["codes"][:]
+            cats = [c.decode() if isinstance(c, bytes) else str(c) for c in col["categories"][:]]
+            counts = np.bincount(codes[codes >= 0], minlength=len(cats))
+            return {cats[i]: int(c) for i, c in enumerate(counts) if c}
+        values, counts = np.unique(col[:].astype(str), return_counts=True)
+        return {str(v): int(c) for v, c in zip(values, counts, strict=True)}

@@ -134,7 +134,7 @@ def parameter_counts(spec: StepSpec) -> dict[str, int]:
     """
     m = spec.model
     cm, cz, c = m.c_m, m.c_z, m.c_opm
-    nb, nbp = m.n_blocks, m.n_blocks - 1
+    nb, nbp = m.n_blocks, (m.n_blocks - 1 if m.uses_pair else 0)
     k = spec.n_bins
     if m.value_encoder == "embedding":
         value_enc = (k + 1) * cm
@@ -142,12 +142,13 @@ def parameter_counts(spec: StepSpec) -> dict[str, int]:
         value_enc = _linear(1, cm) + _linear(cm, cm) + _ln(cm) + cm
     counts = {
         "embeddings": spec.n_genes * cm + cm + value_enc + _ln(cm),
-        "pair_init": 2 * _linear(cm, cz) + (_linear(2, cz) if spec.prior else 0),
+        "pair_init": (2 * _linear(cm, cz) + (_linear(2, cz) if spec.prior else 0))
+        if m.uses_pair
+        else 0,
         "msa_row_attention": nb
         * (
             _ln(cm)
-            + _ln(cz)
-            + _linear(cz, m.n_heads_msa, False)
+            + (_ln(cz) + _linear(cz, m.n_heads_msa, False) if m.uses_pair else 0)
             + _attention(cm, m.c_hidden_msa, m.n_heads_msa)
         ),
         "msa_column_attention": nb * (_ln(cm) + _attention(cm, m.c_hidden_msa, m.n_heads_msa))
@@ -228,7 +229,8 @@ class _Dims:
         self.e = spec.bytes_act
         self.bf16 = spec.precision == "bf16"
         self.Nm = self.B * self.S * self.r
-        self.Nz = self.B * self.r * self.r
+        self.pair = m.uses_pair  # preset none: no pair representation
+        self.Nz = self.B * self.r * self.r if self.pair else 0
         self.pre = m.ln_order == "pre"
         self.chunk = m.chunk_size
         self.cuda = spec.device == "cuda"
@@ -299,6 +301,8 @@ def _residual_in(d: _Dims, n_tok: int, c: int) -> dict[str, int]:
 
 
 def _row_attention(d: _Dims) -> OpMemory:
+    if not d.pair:
+        return _row_attention_without_pair(d)
     e, B, S, r = d.e, d.B, d.S, d.r
     kept = _residual_in(d, d.Nm, d.cm)
     kept["pair_ln_out"] = d.Nz * d.cz * e
@@ -316,6 +320,26 @@ def _row_attention(d: _Dims) -> OpMemory:
     pair = max(bias_grad + bias_full - bias, d.Nz * d.cz * e + d.Nz * d.Hm * e)
     fwd = max(bias_full + d.Nz * d.Hm * e, d.Nm * d.cm * e)
     return OpMemory("msa_row_attention", 0, kept, fwd_extra=fwd, bwd_extra=max(sdpa, pair))
+
+
+def _row_attention_without_pair(d: _Dims) -> OpMemory:
+    """Preset none: the bias is the key mask alone, a broadcast view ``[B*S, H, r, r]`` of a
+    ``[B, S, r]`` tensor (never materialised), with no gradient."""
+    e, B, S, r = d.e, d.B, d.S, d.r
+    kept = _residual_in(d, d.Nm, d.cm)
+    bias = B * S * r * e
+    kept.update(_attention_kept(d, B * S, r, d.Hm, d.dm, bias))
+    sdpa = _attention_bwd(d, B * S, r, d.Hm, d.dm, d.cm, 0) + d.Nm * d.cm * e
+    if not d.cuda:  # a bias without gradient: CPU SDPA takes its flash kernel, not the math one
+        probs = B * S * d.Hm * r * r * 4
+        del kept["attention_probs"]
+        kept["qkv"] = 3 * B * S * r * d.Hm * d.dm * e
+        kept["logsumexp"] = B * S * d.Hm * r * 4
+        sdpa -= 2 * probs
+    if d.spec.model.dropout_msa > 0:
+        kept["dropout_mask"] = B * r * d.cm * e
+    kept["msa_stream"] = d.Nm * d.cm * e
+    return OpMemory("msa_row_attention", 0, kept, fwd_extra=d.Nm * d.cm * e, bwd_extra=sdpa)
 
 
 def _column_attention(d: _Dims) -> OpMemory:
@@ -484,7 +508,7 @@ def _embedding(d: _Dims) -> OpMemory:
     kept = {
         "embed_ln_in": d.Nm * d.cm * 4,
         "ln_stats": _ln_stats(d.Nm),
-        "pair_init_in": B * r * d.cm * e,
+        "pair_init_in": B * r * d.cm * e if d.pair else 0,
         "msa_stream": d.Nm * d.cm * e,
         "pair_stream": d.Nz * d.cz * e,
         "masks": d.Nm * 4
@@ -524,7 +548,7 @@ def op_ledger(spec: StepSpec) -> list[OpMemory]:
         if m.column_attention:
             block_ops.append(_column_attention(d))
         block_ops.append(_transition(d, "msa_transition", d.Nm, d.cm, d.r))
-        if blk < m.n_blocks - 1:  # the last block has no pair update
+        if blk < m.n_blocks - 1 and d.pair:  # the last block has no pair update
             block_ops.append(_outer_product_mean(d))
             if m.tri_mul_out:
                 block_ops.append(_tri_mul(d, "tri_mul_out"))
@@ -740,14 +764,16 @@ def _n_param_tensors(spec: StepSpec) -> int:
     """Parameter tensors (AdamW keeps one step counter per tensor)."""
     m = spec.model
     att = 5 + 2  # q, k, v weights; gate weight + bias; output weight + bias
-    n = 1 + 1 + (1 if m.value_encoder == "embedding" else 7) + 2 + 4 + (2 if spec.prior else 0)
-    per_block = (2 + 2 + 1 + att) + (2 + att if m.column_attention else 0) + (2 + 4)
+    pair_init = (4 + (2 if spec.prior else 0)) if m.uses_pair else 0
+    n = 1 + 1 + (1 if m.value_encoder == "embedding" else 7) + 2 + pair_init
+    row = 2 + att + (2 + 1 if m.uses_pair else 0)
+    per_block = row + (2 + att if m.column_attention else 0) + (2 + 4)
     pair = 2 + 4 + 2
     tri_mul = 2 + 8 + 2 + 2 + 2
     tri_att = 2 + 1 + att
     pair += tri_mul * (int(bool(m.tri_mul_out)) + int(bool(m.tri_mul_in)))
     pair += tri_att * (int(bool(m.tri_att_start)) + int(bool(m.tri_att_end)))
     pair += (2 + 4) if m.pair_transition else 0
-    n += m.n_blocks * per_block + (m.n_blocks - 1) * pair
+    n += m.n_blocks * per_block + ((m.n_blocks - 1) * pair if m.uses_pair else 0)
     n += (2 if m.ln_order == "pre" else 0) + 4 + (2 if spec.n_labels else 0)
     return n

@@ -5,6 +5,7 @@ Public API::
     ModelConfig            config.py      hyper-parameters, presets "bioformer" / "evoformer"
     BioFormer              bioformer.py   the single-cell model (forward, loss)
     apply_value_mask       masking.py     choose masked positions for the value loss
+    fixed_mask             masking.py     the held-out (validation / test) mask
     count_parameters       bioformer.py   parameters per component
     load_prior_network     prior.py       gene-gene prior network TSV -> [G, G]
 
@@ -15,7 +16,7 @@ triangle_multiplication, triangle_attention (evoformer.py: EvoformerBlock, Evofo
 from evoformer.model.bioformer import BioFormer, count_parameters, metrics_to_floats
 from evoformer.model.config import ModelConfig
 from evoformer.model.evoformer import EvoformerBlock, EvoformerStack
-from evoformer.model.masking import apply_value_mask
+from evoformer.model.masking import apply_value_mask, fixed_mask, mask_generator
 from evoformer.model.prior import load_prior_network
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "EvoformerStack",
     "ModelConfig",
     "apply_value_mask",
+    "fixed_mask",
+    "mask_generator",
     "count_parameters",
     "load_prior_network",
     "metrics_to_floats",

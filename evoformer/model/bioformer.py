@@ -12,6 +12,7 @@ expression bins. The model prepends a CLS token (``r = L + 1``) and builds
   i.e. ``include_zero_genes: true``);
 
 runs the Evoformer stack, and predicts the masked bins from ``m`` (and a cell label from CLS).
+Preset ``none`` builds no ``z`` (and no prior): a plain transformer over the gene tokens.
 Because the heads read only ``m``, the last block has no pair updates (they would be computed
 and thrown away); the returned ``z`` is the pair representation that biased the last block.
 
@@ -90,8 +91,13 @@ class BioFormer(nn.Module):
             self.value_encoder = ContinuousValueEncoder(c_m, n_bins)
         self.embed_layer_norm = LayerNorm(c_m)
 
-        self.pair_left = Linear(c_m, c_z)
-        self.pair_right = Linear(c_m, c_z)
+        if cfg.uses_pair:
+            self.pair_left: Linear | None = Linear(c_m, c_z)
+            self.pair_right: Linear | None = Linear(c_m, c_z)
+        else:
+            self.pair_left = self.pair_right = None
+        if prior is not None and not cfg.uses_pair:
+            raise ValueError("a prior network enters the pair representation: preset none has none")
         if prior is not None:
             if tuple(prior.shape) != (n_genes, n_genes):
                 raise ValueError(f"prior must be [{n_genes}, {n_genes}], got {list(prior.shape)}")
@@ -114,7 +120,7 @@ class BioFormer(nn.Module):
     # ------------------------------------------------------------------ embeddings
     def embed(
         self, gene_ids: torch.Tensor, values: torch.Tensor, pad_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """Initial representations.
 
         Args:
@@ -122,7 +128,8 @@ class BioFormer(nn.Module):
 
         Returns:
             ``m [B, S, r, c_m]``, ``z [B, r, r, c_z]``, ``msa_mask [B, S, r]``,
-            ``pair_mask [B, r, r]`` (masks as float 0/1), ``r = L + 1``.
+            ``pair_mask [B, r, r]`` (masks as float 0/1), ``r = L + 1``; ``z`` and
+            ``pair_mask`` are None for preset ``none``.
         """
         b, s, _ = gene_ids.shape
         gene = self.gene_embedding(gene_ids)  # [B, S, L, c_m]
@@ -132,6 +139,8 @@ class BioFormer(nn.Module):
 
         real = torch.ones_like(pad_mask[..., :1])
         msa_mask = torch.cat([real, pad_mask], dim=-1).to(m.dtype)  # [B, S, r]
+        if self.pair_left is None or self.pair_right is None:
+            return m, None, msa_mask, None
         tok_mask = msa_mask[:, 0]  # [B, r] (first cell of the group)
         pair_mask = tok_mask[:, :, None] * tok_mask[:, None, :]
 
@@ -157,13 +166,15 @@ class BioFormer(nn.Module):
         Returns:
             dict with ``pred`` (``[B, S, L, K]`` logits for loss "ce", ``[B, S, L]`` bin value for
             "mse"), ``cls [B, S, c_m]``, ``mean [B, S, c_m]`` (over real gene tokens),
-            ``label_logits [B, S, n_labels]`` or None, ``z [B, r, r, c_z]``.
+            ``label_logits [B, S, n_labels]`` or None, ``z [B, r, r, c_z]`` (None for preset
+            ``none``).
         """
         m, z, msa_mask, pair_mask = self.embed(gene_ids, values, pad_mask)
         dev = m.device.type
         if torch.is_autocast_enabled(dev):
             dt = torch.get_autocast_dtype(dev)
-            m, z = m.to(dt), z.to(dt)
+            m = m.to(dt)
+            z = z.to(dt) if z is not None else None
         m, z = self.stack(m, z, msa_mask, pair_mask)
         m = self.final_layer_norm(m)
 
@@ -192,21 +203,11 @@ class BioFormer(nn.Module):
             ``(loss, metrics)``: scalar loss (value loss + label loss) and 0-d metric tensors.
         """
         out = self(batch["gene_ids"], batch["values"], batch["pad_mask"])
-        target = batch["target"]
         w = batch["loss_mask"].to(torch.float32)
         n = w.sum().clamp(min=1)
         pred = out["pred"]
         assert pred is not None
-        if self.cfg.loss == "ce":
-            logits = pred.float()
-            per = F.cross_entropy(
-                logits.reshape(-1, self.n_bins), target.reshape(-1), reduction="none"
-            ).view_as(w)
-            hit = (logits.argmax(-1) == target).to(torch.float32)
-        else:
-            value = pred.float()
-            per = (value - target.to(torch.float32)) ** 2
-            hit = (value.round().clamp(0, self.n_bins - 1) == target).to(torch.float32)
+        per, hit = self.value_terms(pred, batch["target"])
         value_loss = (per * w).sum() / n
         metrics = {"value_loss": value_loss.detach(), "bin_acc": ((hit * w).sum() / n).detach()}
         loss = value_loss
@@ -229,6 +230,54 @@ class BioFormer(nn.Module):
             loss = loss + label_loss
         metrics["loss"] = loss.detach()
         return loss, metrics
+
+    def value_terms(
+        self, pred: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position value loss and bin hit (float32 ``[B, S, L]`` each).
+
+        Args:
+            pred: the ``pred`` of :meth:`forward` (``[B, S, L, K]`` logits or ``[B, S, L]``).
+            target: ``[B, S, L]`` long true bins.
+
+        Loss "ce": cross-entropy of the logits, hit = argmax is the true bin; "mse": squared
+        error of the predicted bin value, hit = the rounded value is the true bin.
+        """
+        if self.cfg.loss == "ce":
+            logits = pred.float()
+            per = F.cross_entropy(
+                logits.reshape(-1, self.n_bins), target.reshape(-1), reduction="none"
+            ).view_as(target)
+            hit = logits.argmax(-1) == target
+        else:
+            value = pred.float()
+            per = (value - target.to(torch.float32)) ** 2
+            hit = value.round().clamp(0, self.n_bins - 1) == target
+        return per.to(torch.float32), hit.to(torch.float32)
+
+    def decode_expression(
+        self, pred: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted log1p expression and a non-zero score for every position.
+
+        Args:
+            pred: the ``pred`` of :meth:`forward` (``[B, S, L, K]`` logits or ``[B, S, L]``).
+            values: ``[B, S, K]`` representative value of each bin of each cell
+                (:func:`evoformer.metrics.bin_values` of its edges).
+
+        Returns:
+            ``(expression [B, S, L], nonzero_score [B, S, L])``: "ce" the expectation of the bin
+            values under the softmax and ``1 - P(bin 0)``; "mse" the predicted bin mapped
+            through the bin values by linear interpolation, and that value.
+        """
+        from evoformer.metrics import decode_bin_value, decode_distribution
+
+        v = values.float().unsqueeze(-2)  # [B, S, 1, K]
+        if self.cfg.loss == "ce":
+            probs = torch.softmax(pred.float(), dim=-1)
+            return decode_distribution(probs, v), 1.0 - probs[..., 0]
+        expr = decode_bin_value(pred.float(), v.expand(*pred.shape, v.shape[-1]))
+        return expr, expr
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """:meth:`loss_terms` with the metrics as Python floats (NaN for fake/meta tensors)."""

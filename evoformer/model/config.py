@@ -1,6 +1,10 @@
 """Model configuration: one dataclass, built from the plain ``model:`` dict of config.yaml.
 
-Two presets choose which Evoformer operations run in every block:
+Three presets choose which Evoformer operations run in every block:
+
+* ``none`` (the ablation): no pair representation at all - no ``z``, no pair bias in the row
+  attention, no outer product mean, no pair stack: a plain transformer over the gene tokens with
+  the same width and depth, to measure what the pair representation earns;
 
 * ``bioformer`` (the journal's model): MSA row attention with pair bias, MSA transition and the
   outer product mean into the pair representation ``z``; no column attention, no pair stack.
@@ -20,6 +24,14 @@ from typing import Any
 from evoformer.errors import InputError
 
 PRESETS: dict[str, dict[str, bool]] = {
+    "none": {
+        "column_attention": False,
+        "tri_mul_out": False,
+        "tri_mul_in": False,
+        "tri_att_start": False,
+        "tri_att_end": False,
+        "pair_transition": False,
+    },
     "bioformer": {
         "column_attention": False,
         "tri_mul_out": False,
@@ -39,6 +51,14 @@ PRESETS: dict[str, dict[str, bool]] = {
 }
 
 OP_SWITCHES: tuple[str, ...] = tuple(PRESETS["evoformer"])
+#: Op switches that update the pair representation (impossible without one).
+PAIR_OPS: tuple[str, ...] = (
+    "tri_mul_out",
+    "tri_mul_in",
+    "tri_att_start",
+    "tri_att_end",
+    "pair_transition",
+)
 
 
 @dataclass
@@ -46,7 +66,8 @@ class ModelConfig:
     """Hyper-parameters of BioFormer / the Evoformer stack (AF2 names where they exist).
 
     Attributes:
-        preset: ``"bioformer"`` or ``"evoformer"``; gives the defaults of the op switches.
+        preset: ``"none"``, ``"bioformer"`` or ``"evoformer"``; gives the defaults of the op
+            switches (``none``: no pair representation, see the module docstring).
         c_m: MSA (per-token) channels, BioFormer's ``d_model``.
         c_z: pair channels.
         c_opm: hidden channels of the outer product mean (AF2 ``c``, 32).
@@ -148,32 +169,30 @@ class ModelConfig:
             value = getattr(self, key)
             if value is not None and not isinstance(value, bool):
                 raise bad(key, f"got {value!r}, expected true, false or null")
+        if self.preset == "none":
+            on = [k for k in PAIR_OPS if getattr(self, k)]
+            if on:
+                raise bad(on[0], "is a pair update, but preset none has no pair representation")
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> ModelConfig:
-        """Build from a plain dict (config.yaml's ``model:`` section); unknown key -> InputError."""
-        d = dict(d or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in known:
-                raise InputError(f"model config: unknown key '{key}' (known: {sorted(known)})")
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any] | None, where: str = "experiment.model") -> ModelConfig:
+        """Build from a plain dict (config.yaml's ``model:`` section); an unknown key or a value
+        of the wrong type raises InputError naming it."""
+        from evoformer.typed import from_plain
+
+        return from_plain(cls, d, where)
 
     def to_dict(self) -> dict[str, Any]:
         """Fully resolved config (op switches filled from the preset) as plain Python types."""
         return dataclasses.asdict(self)
 
     @property
+    def uses_pair(self) -> bool:
+        """False for preset ``none``: no pair representation ``z`` at all."""
+        return self.preset != "none"
+
+    @property
     def pair_stack(self) -> bool:
         """True when any triangle op or the pair transition is on."""
-        return any(
-            getattr(self, k)
-            for k in (
-                "tri_mul_out",
-                "tri_mul_in",
-                "tri_att_start",
-                "tri_att_end",
-                "pair_transition",
-            )
-        )
+        return any(getattr(self, k) for k in PAIR_OPS)

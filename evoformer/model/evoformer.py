@@ -3,7 +3,8 @@
 Every operation is wrapped in a :class:`Residual`: in ``pre`` order ``x + drop(op(LN(x)))``
 (AF2), in ``post`` order ``LN(x + drop(op(x)))``. One block, in AF2's order::
 
-    m += RowAttentionWithPairBias(m, z)   (row-wise dropout, dropout_msa)
+    m += RowAttentionWithPairBias(m, z)   (row-wise dropout, dropout_msa; no pair bias and no
+                                           z at all with preset none)
     m += ColumnAttention(m)                [column_attention]
     m += MSATransition(m)
     z += OuterProductMean(m)
@@ -70,14 +71,18 @@ class EvoformerBlock(nn.Module):
         update_pair: False builds no pair update at all (no OPM, no pair stack): the block only
             reads ``z`` as the row-attention bias. Used for the last block of a model whose heads
             read only the MSA (nothing would consume, or backpropagate into, its pair updates).
+            Preset ``none`` has no ``z``: no pair bias, no pair updates in any block.
     """
 
     def __init__(self, cfg: ModelConfig, update_pair: bool = True) -> None:
         super().__init__()
         pre = cfg.ln_order == "pre"
         c_m, c_z = cfg.c_m, cfg.c_z
+        update_pair = update_pair and cfg.uses_pair
         self.msa_row_attention = Residual(
-            MSARowAttentionWithPairBias(c_m, c_z, cfg.c_hidden_msa, cfg.n_heads_msa),
+            MSARowAttentionWithPairBias(
+                c_m, c_z if cfg.uses_pair else None, cfg.c_hidden_msa, cfg.n_heads_msa
+            ),
             c_m,
             pre,
             DropoutRowwise(cfg.dropout_msa),
@@ -118,19 +123,19 @@ class EvoformerBlock(nn.Module):
     def forward(
         self,
         m: torch.Tensor,
-        z: torch.Tensor,
+        z: torch.Tensor | None,
         msa_mask: torch.Tensor,
-        pair_mask: torch.Tensor,
+        pair_mask: torch.Tensor | None,
         chunk_size: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         Args:
-            m: ``[*, S, r, c_m]``; z: ``[*, r, r, c_z]``.
-            msa_mask: ``[*, S, r]``; pair_mask: ``[*, r, r]`` (1 = real).
+            m: ``[*, S, r, c_m]``; z: ``[*, r, r, c_z]`` (None for preset ``none``).
+            msa_mask: ``[*, S, r]``; pair_mask: ``[*, r, r]`` (1 = real; None without z).
             chunk_size: see :class:`ModelConfig`.
 
         Returns:
-            ``(m [*, S, r, c_m], z [*, r, r, c_z])``.
+            ``(m [*, S, r, c_m], z [*, r, r, c_z] or None)``.
         """
         with record_function("evoformer_block"):
             m = self.msa_row_attention(m, z, msa_mask)
@@ -173,17 +178,17 @@ class EvoformerStack(nn.Module):
     def forward(
         self,
         m: torch.Tensor,
-        z: torch.Tensor,
+        z: torch.Tensor | None,
         msa_mask: torch.Tensor,
-        pair_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pair_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         Args:
-            m: ``[*, S, r, c_m]``; z: ``[*, r, r, c_z]``.
-            msa_mask: ``[*, S, r]``; pair_mask: ``[*, r, r]`` (1 = real).
+            m: ``[*, S, r, c_m]``; z: ``[*, r, r, c_z]`` (None for preset ``none``).
+            msa_mask: ``[*, S, r]``; pair_mask: ``[*, r, r]`` (1 = real; None without z).
 
         Returns:
-            ``(m [*, S, r, c_m], z [*, r, r, c_z])``.
+            ``(m [*, S, r, c_m], z [*, r, r, c_z] or None)``.
         """
         blocks = list(self.blocks)
         k = self.blocks_per_ckpt

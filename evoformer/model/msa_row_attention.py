@@ -1,4 +1,8 @@
-"""MSA row-wise gated self-attention with pair bias (AF2 supplement Alg. 7)."""
+"""MSA row-wise gated self-attention with pair bias (AF2 supplement Alg. 7).
+
+Without a pair representation (``c_z=None``, preset ``none``) it is plain gated self-attention
+over each row's tokens, with the key mask only.
+"""
 
 from __future__ import annotations
 
@@ -14,27 +18,35 @@ class MSARowAttentionWithPairBias(nn.Module):
 
     ``bias[h, i, j] = Linear(LayerNorm(z_ij))_h`` is shared by all ``S`` rows; masked keys get
     ``-inf``. Attention runs through SDPA; logits exist only inside the kernel on GPU.
+    ``c_z=None``: no pair bias (``z`` must then be None).
     """
 
-    def __init__(self, c_m: int, c_z: int, c_hidden: int, n_heads: int) -> None:
+    def __init__(self, c_m: int, c_z: int | None, c_hidden: int, n_heads: int) -> None:
         super().__init__()
         self.n_heads = n_heads
-        self.layer_norm_z = LayerNorm(c_z)
-        self.linear_z = Linear(c_z, n_heads, bias=False)
+        if c_z is not None:
+            self.layer_norm_z: LayerNorm | None = LayerNorm(c_z)
+            self.linear_z: Linear | None = Linear(c_z, n_heads, bias=False)
+        else:
+            self.layer_norm_z = self.linear_z = None
         self.mha = Attention(c_m, c_hidden, n_heads)
 
-    def forward(self, m: torch.Tensor, z: torch.Tensor, msa_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, m: torch.Tensor, z: torch.Tensor | None, msa_mask: torch.Tensor
+    ) -> torch.Tensor:
         """
         Args:
             m: ``[*, S, r, c_m]`` MSA (already layer-normed in pre-LN order).
-            z: ``[*, r, r, c_z]`` pair representation.
+            z: ``[*, r, r, c_z]`` pair representation, or None without one.
             msa_mask: ``[*, S, r]`` 1 = real token.
 
         Returns:
             ``[*, S, r, c_m]`` update.
         """
         with record_function("msa_row_attention"):
+            key_bias = mask_bias(msa_mask, m.dtype)[..., None, None, :]  # [*, S, 1, 1, r]
+            if self.linear_z is None or self.layer_norm_z is None:
+                return self.mha(m, key_bias)
             pair_bias = self.linear_z(self.layer_norm_z(z))  # [*, r, r, H]
             pair_bias = pair_bias.movedim(-1, -3).unsqueeze(-4)  # [*, 1, H, r, r]
-            key_bias = mask_bias(msa_mask, m.dtype)[..., None, None, :]  # [*, S, 1, 1, r]
             return self.mha(m, pair_bias + key_bias.to(pair_bias.dtype))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -10,18 +11,29 @@ import torch
 
 from evoformer.errors import InputError
 
+log = logging.getLogger(__name__)
 
-def load_prior_network(path: str | os.PathLike, gene_names: list[str]) -> torch.Tensor:
+
+def load_prior_network(
+    path: str | os.PathLike, gene_names: list[str], min_gene_share: float = 0.0
+) -> torch.Tensor:
     """Read a TSV of directed gene-gene edges into ``prior [G, G]`` (``prior[source, target]``).
 
     The file has a header with columns ``source`` and ``target`` (gene names as in
     ``gene_names``) and optionally ``weight`` (float, default 1) and/or ``sign`` (+1 / -1,
     default +1); an edge's value is ``weight * sign``, duplicate edges add up. Other columns are
-    ignored. Genes not in ``gene_names`` are skipped.
+    ignored. Genes not in ``gene_names`` are skipped, with a warning naming how many.
+
+    The gene overlap is ``|network genes & gene_names| / min(|network genes|, |gene_names|)``
+    (1 when the smaller set lies inside the larger): a network of other gene identifiers (Ensembl
+    ids against symbols, another species) has overlap ~0 and would silently become an all-zero
+    matrix, so an overlap below ``min_gene_share``, or no edge left at all, is refused.
 
     Args:
         path: TSV file.
         gene_names: ``G`` gene names in model order (genes.tsv).
+        min_gene_share: the smallest gene overlap accepted (config
+            ``experiment.prior.min_gene_share``).
 
     Returns:
         float32 ``[G, G]``; 0 where there is no edge.
@@ -42,6 +54,8 @@ def load_prior_network(path: str | os.PathLike, gene_names: list[str]) -> torch.
             raise InputError(
                 f"{path}: prior network has no '{col}' column (columns: {list(df.columns)})"
             )
+    if df.empty:
+        raise InputError(f"{path}: prior network has no edges")
 
     n = len(df)
     value = np.ones(n, dtype=np.float64)
@@ -68,6 +82,24 @@ def load_prior_network(path: str | os.PathLike, gene_names: list[str]) -> torch.
     src = df["source"].map(index)
     tgt = df["target"].map(index)
     keep = (src.notna() & tgt.notna()).to_numpy()
+    net_genes = set(df["source"]) | set(df["target"])
+    shared = len(net_genes & set(index))
+    overlap = shared / max(1, min(len(net_genes), len(index)))
+    if overlap < min_gene_share or not keep.any():
+        raise InputError(
+            f"{path}: only {shared} of the network's {len(net_genes)} genes are among the "
+            f"{len(index)} model genes (overlap {overlap:.2f} < experiment.prior.min_gene_share "
+            f"{min_gene_share}; {int(keep.sum())} edges left): are the gene identifiers the same?"
+        )
+    if shared < len(net_genes):
+        log.warning(
+            "%s: %d of the network's %d genes are not model genes; %d of %d edges kept",
+            path,
+            len(net_genes) - shared,
+            len(net_genes),
+            int(keep.sum()),
+            n,
+        )
     prior = np.zeros((len(gene_names), len(gene_names)), dtype=np.float64)
     np.add.at(
         prior, (src[keep].astype(int).to_numpy(), tgt[keep].astype(int).to_numpy()), value[keep]

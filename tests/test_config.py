@@ -1,0 +1,134 @@
+"""Configuration: the schema lists exactly the dataclasses' keys, and every config error that can
+be found before a job runs is found then, with one line naming the key (evoformer.experiments)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evoformer.errors import InputError
+from evoformer.evaluate import EvalParams
+from evoformer.experiments import check, grid, run_spec
+from evoformer.model import ModelConfig
+from evoformer.train_config import ProfilerConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = yaml.safe_load((ROOT / "schemas" / "config.schema.yaml").read_text())
+BASE = yaml.safe_load((ROOT / "config.yaml").read_text())
+CELLS = {"A": 400, "B": 300}
+
+
+def names(cls: type, skip: tuple[str, ...] = ()) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)} - set(skip)
+
+
+def test_schema_lists_exactly_the_dataclass_keys() -> None:
+    defs = SCHEMA["$defs"]
+    assert set(defs["model"]["properties"]) == names(ModelConfig)
+    assert set(defs["train"]["properties"]) == names(TrainConfig)
+    assert set(defs["train"]["properties"]["profiler"]["properties"]) == names(ProfilerConfig)
+    # fold / final are set per run by the rule, not by the user
+    evaluation = SCHEMA["properties"]["evaluation"]["properties"]
+    assert set(evaluation) == names(EvalParams, ("fold", "final"))
+    train_enum = defs["train"]["properties"]["monitor"]["enum"]
+    cv_enum = SCHEMA["properties"]["cv"]["properties"]["selection_metric"]["enum"]
+    from evoformer.train_config import VALIDATION_METRICS
+
+    assert list(train_enum) == list(cv_enum) == list(VALIDATION_METRICS)
+
+
+def config(**updates) -> dict:
+    cfg = copy.deepcopy(BASE)
+    for dotted, value in updates.items():
+        *path, last = dotted.split("__")
+        node = cfg
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return cfg
+
+
+def test_the_default_config_passes() -> None:
+    check(config(), CELLS)
+
+
+@pytest.mark.parametrize(
+    ("updates", "message"),
+    [
+        ({"evaluation__knn": 3}, "config key 'evaluation.knn' is unknown"),
+        ({"experiment__train__epochs": "three"}, "'experiment.train.epochs': got 'three'"),
+        ({"experiment__train__label_head": "false"}, "'experiment.train.label_head'"),
+        ({"experiment__model__c_z": 8.5}, "'experiment.model.c_z': got 8.5"),
+        ({"experiment__train__bogus": 1}, "'experiment.train.bogus' is unknown"),
+        (
+            {"experiment__train__global_batch_size": 24},
+            "'experiment.train.global_batch_size' (24) is not a multiple of micro_batch_size x "
+            "processes (8 x 2 from train.cpu_processes)",
+        ),
+        (
+            {"memory": {"n_gpus": 3}},
+            "(8 x 3 from memory.n_gpus)",
+        ),
+        ({"sweep": {"ln_order": ["../../x"]}}, "'sweep.ln_order': value '../../x' becomes part"),
+        ({"sweep": {"ln_order": [".."]}}, "value '..' becomes part of a results path"),
+        ({"sweep": {"lr": [float("nan")]}}, "'sweep.lr': nan is not a finite number"),
+        (
+            {"cv__selection_metric": "val_loss"},
+            "'cv.selection_metric': val_loss is a bin-space metric, not comparable across grid "
+            "points that differ in n_bins",
+        ),
+        ({"cv__selection_metric": "val_accuracy"}, "'cv.selection_metric': 'val_accuracy'"),
+        ({"split__fractions": {"train": 0.9, "val": 0.1, "test": 0.0}}, "split.fractions.test"),
+        (
+            {"cv__enabled": False, "split__fractions": {"train": 0.9, "val": 0.0, "test": 0.1}},
+            "'split.fractions.val': must be > 0 without cross-validation",
+        ),
+        (
+            {"split__fractions": {"train": 0.998, "val": 0.001, "test": 0.001}},
+            "'split.fractions.test': leaves no test cells among the 700 cells",
+        ),
+        (
+            {"experiment__train__global_batch_size": 512, "experiment__train__micro_batch_size": 8},
+            "'experiment.train.global_batch_size' (512) exceeds the 315 training cells",
+        ),
+        ({"experiment__prior": {"path": "n.tsv", "min_gene_share": 2}}, "min_gene_share"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and len(v) < 40 else None,
+)
+def test_bad_config_is_refused_naming_the_key(updates: dict, message: str) -> None:
+    cfg = config(**{k: v for k, v in updates.items() if "__" in k})
+    for key, value in updates.items():
+        if "__" not in key:
+            cfg[key] = value
+    with pytest.raises(InputError) as err:
+        check(cfg, CELLS)
+    text = str(err.value)
+    assert message in text, text
+    assert "\n" not in text
+
+
+def test_bin_space_selection_is_fine_when_the_grid_keeps_n_bins_and_loss() -> None:
+    cfg = config(cv__selection_metric="val_loss")
+    cfg["sweep"] = {"ln_order": ["pre", "post"]}
+    check(cfg, CELLS)
+
+
+def test_numeric_strings_are_read_as_numbers() -> None:
+    """PyYAML reads 1e-3 as a string: accepted for float keys, as the number it means."""
+    cfg = config(experiment__train__lr="1e-3")
+    check(cfg, CELLS)
+    spec = run_spec(cfg, grid(cfg).iloc[0].to_dict(), 0)
+    assert spec.train.lr == 1e-3
+
+
+def test_preset_sweep_and_final_epochs() -> None:
+    cfg = config()
+    rows = grid(cfg).to_dict("records")
+    assert {r["preset"] for r in rows} == {"none", "bioformer"}
+    s = run_spec(cfg, rows[0], "final", final_epochs=2.5)
+    assert s.final and s.final_epochs == 2.5 and s.fold == -1
+    assert run_spec(cfg, rows[0], 1, final_epochs=2.5).final_epochs is None
