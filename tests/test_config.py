@@ -132,3 +132,38 @@ def test_preset_sweep_and_final_epochs() -> None:
     s = run_spec(cfg, rows[0], "final", final_epochs=2.5)
     assert s.final and s.final_epochs == 2.5 and s.fold == -1
     assert run_spec(cfg, rows[0], 1, final_epochs=2.5).final_epochs is None
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_published_configs_are_valid(path: Path) -> None:
+    import jsonschema
+
+    cfg = yaml.safe_load(path.read_text())
+    jsonschema.Draft202012Validator(SCHEMA).validate(cfg)
+    check(cfg)
+
+
+def test_the_journal_config_passes_the_preflight_on_two_a100s() -> None:
+    from evoformer.memory.preflight import preflight
+    from evoformer.memory.spec import data_shape
+
+    cfg = yaml.safe_load((ROOT / "configs" / "journal_a100.yaml").read_text())
+    exp, mem = cfg["experiment"], cfg["memory"]
+    s = run_spec(cfg, grid(cfg).iloc[0].to_dict(), "holdout")
+    assert (exp["n_hvg"], s.model.c_m, s.model.c_z, s.model.c_opm, s.model.n_blocks) == (
+        500,
+        128,
+        128,
+        32,
+        8,
+    )
+    assert s.train.micro_batch_size == 32 and s.train.precision == "bf16"
+    result = preflight(
+        s.model.to_dict(),
+        s.train.to_dict(),
+        data_shape(exp["n_hvg"], exp["n_bins"]),
+        mem["gpu_mem_gib"],
+        n_gpus=mem["n_gpus"],
+        safety_margin=mem["safety_margin"],
+    )
+    assert result.fits

@@ -12,7 +12,6 @@ from evoformer.grn import (
     random_auprc,
     read_network,
     read_truth,
-    ridge_masked_predict,
 )
 
 
@@ -146,52 +145,3 @@ def test_partial_correlation_of_a_gaussian_chain():
     assert np.all(partial_correlation(with_const)[3, :3] == 0)
     with pytest.raises(ValueError, match="shrinkage"):
         partial_correlation(x, shrinkage=0)
-
-
-def test_ridge_masked_predict_equals_one_ridge_per_gene():
-    from sklearn.linear_model import Ridge
-
-    rng = np.random.default_rng(1)
-    n, g, alpha = 300, 6, 0.3
-    mixing = rng.normal(size=(g, g))
-    x = rng.normal(size=(n, g)) @ mixing + 5
-    x_test = rng.normal(size=(50, g)) @ mixing + 5
-    pred = ridge_masked_predict(x, x_test, alpha=alpha)
-    mean, sd = x.mean(axis=0), x.std(axis=0)
-    z, zt = (x - mean) / sd, (x_test - mean) / sd
-    for j in range(g):
-        others = [k for k in range(g) if k != j]
-        fit = Ridge(alpha=alpha * n, fit_intercept=False).fit(z[:, others], z[:, j])
-        expected = mean[j] + sd[j] * fit.predict(zt[:, others])
-        np.testing.assert_allclose(pred[:, j], expected, rtol=1e-8, atol=1e-8)
-    # it predicts a gene from its linear relatives better than the gene's mean
-    assert ((x_test - pred) ** 2).mean() < ((x_test - mean) ** 2).mean()
-
-
-def test_ridge_with_a_mask_regresses_on_the_unmasked_genes():
-    from sklearn.linear_model import Ridge
-
-    rng = np.random.default_rng(2)
-    n, g, alpha = 400, 7, 0.2
-    mixing = rng.normal(size=(g, g))
-    x = rng.normal(size=(n, g)) @ mixing
-    x_test = rng.normal(size=(20, g)) @ mixing
-    mask = rng.random((20, g)) < 0.4
-    mask[0] = False  # nothing masked: the row comes back as it is
-    mask[1] = [True] + [False] * (g - 1)  # one gene masked: as the leave-one-out prediction
-    pred = ridge_masked_predict(x, x_test, alpha=alpha, mask=mask)
-    np.testing.assert_array_equal(pred[~mask], x_test[~mask])
-    loo = ridge_masked_predict(x, x_test, alpha=alpha)
-    assert pred[1, 0] == pytest.approx(loo[1, 0])
-    mean, sd = x.mean(axis=0), x.std(axis=0)
-    z, zt = (x - mean) / sd, (x_test - mean) / sd
-    for row in range(2, 20):
-        hidden, shown = np.flatnonzero(mask[row]), np.flatnonzero(~mask[row])
-        for j in hidden:
-            fit = Ridge(alpha=alpha * n, fit_intercept=False).fit(z[:, shown], z[:, j])
-            expected = mean[j] + sd[j] * fit.predict(zt[row : row + 1, shown])[0]
-            assert pred[row, j] == pytest.approx(expected, rel=1e-8, abs=1e-8)
-    with pytest.raises(ValueError, match="mask has shape"):
-        ridge_masked_predict(x, x_test, mask=mask[:5])
-    with pytest.raises(ValueError, match="alpha"):
-        ridge_masked_predict(x, x_test, alpha=0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from evoformer.baselines import fit_baselines, random_hidden
+from evoformer.baselines import RidgeBaseline, fit_baselines, random_hidden
 from evoformer.metrics import (
     Positions,
     Scorer,
@@ -141,14 +141,17 @@ def test_ridge_baseline_recovers_an_exact_linear_gene() -> None:
     hidden = np.zeros((100, g), bool)
     hidden[:, 0] = True
     pred = fitted["ridge"].predict(x[500:], hidden)[:, 0]
-    # near-exact: trained under the same masking, genes 1 and 2 are sometimes hidden too,
-    # which shrinks the coefficients a little
-    r2 = 1 - np.mean((pred - x[500:, 0]) ** 2) / np.var(x[500:, 0])
-    assert r2 > 0.995
+    assert fitted["ridge"].alpha == min(fitted["ridge"].alpha, 1e-2)  # little penalty wins
+    assert np.abs(pred - x[500:, 0]).max() < 0.05
     mean_err = np.abs(fitted["mean"].predict(x[500:], hidden)[:, 0] - x[500:, 0]).mean()
     assert mean_err > 1.0
-    assert np.all(np.diag(fitted["ridge"].w) == 0)  # a gene never predicts itself
+    # with gene 1 hidden too, gene 0 is no longer determined: worse, still far above the mean
+    both = hidden.copy()
+    both[:, 1] = True
+    pred2 = fitted["ridge"].predict(x[500:], both)[:, 0]
+    assert np.abs(pred2 - x[500:, 0]).mean() < mean_err
     scores = fitted["ridge"].gene_scores()
+    assert np.all(np.diag(scores) == 0)
     assert scores[0, 1] > 10 * np.median(scores[0, 3:])
 
 
@@ -164,3 +167,63 @@ def test_knn_baseline_finds_the_matching_training_cell() -> None:
     hidden = random_hidden(real[300:], 0.25, np.random.default_rng(1))
     pred = fitted["knn"].predict(x[300:], hidden)
     assert np.abs(pred[hidden] - states[lab[300:]][hidden]).max() < 0.1
+
+
+def loo_predict(x: np.ndarray, x_test: np.ndarray, alpha: float) -> np.ndarray:
+    """Every gene of ``x_test`` predicted from the other genes of its row, one at a time."""
+    ridge = RidgeBaseline.fit(x, alpha)
+    out = np.empty_like(x_test)
+    for j in range(x_test.shape[1]):
+        hidden = np.zeros_like(x_test, dtype=bool)
+        hidden[:, j] = True
+        out[:, j] = ridge.predict(x_test, hidden)[:, j]
+    return out
+
+
+def test_ridge_baseline_equals_one_sklearn_ridge_per_gene():
+    from sklearn.linear_model import Ridge
+
+    rng = np.random.default_rng(1)
+    n, g, alpha = 300, 6, 0.3
+    mixing = rng.normal(size=(g, g))
+    x = rng.normal(size=(n, g)) @ mixing + 5
+    x_test = rng.normal(size=(50, g)) @ mixing + 5
+    pred = loo_predict(x, x_test, alpha)
+    mean, sd = x.mean(axis=0), x.std(axis=0)
+    z, zt = (x - mean) / sd, (x_test - mean) / sd
+    for j in range(g):
+        others = [k for k in range(g) if k != j]
+        fit = Ridge(alpha=alpha * n, fit_intercept=False).fit(z[:, others], z[:, j])
+        expected = mean[j] + sd[j] * fit.predict(zt[:, others])
+        np.testing.assert_allclose(pred[:, j], expected, rtol=1e-8, atol=1e-8)
+    # it predicts a gene from its linear relatives better than the gene's mean
+    assert ((x_test - pred) ** 2).mean() < ((x_test - mean) ** 2).mean()
+
+
+def test_ridge_baseline_regresses_each_masked_set_on_the_unmasked_genes():
+    from sklearn.linear_model import Ridge
+
+    rng = np.random.default_rng(2)
+    n, g, alpha = 400, 7, 0.2
+    mixing = rng.normal(size=(g, g))
+    x = rng.normal(size=(n, g)) @ mixing
+    x_test = rng.normal(size=(20, g)) @ mixing
+    mask = rng.random((20, g)) < 0.4
+    mask[0] = False  # nothing masked: the row comes back as it is
+    mask[1] = [True] + [False] * (g - 1)  # one gene masked: as the leave-one-out prediction
+    pred = RidgeBaseline.fit(x, alpha).predict(x_test, mask)
+    np.testing.assert_array_equal(pred[~mask], x_test[~mask])
+    loo = loo_predict(x, x_test, alpha)
+    assert pred[1, 0] == pytest.approx(loo[1, 0])
+    mean, sd = x.mean(axis=0), x.std(axis=0)
+    z, zt = (x - mean) / sd, (x_test - mean) / sd
+    for row in range(2, 20):
+        hidden, shown = np.flatnonzero(mask[row]), np.flatnonzero(~mask[row])
+        for j in hidden:
+            fit = Ridge(alpha=alpha * n, fit_intercept=False).fit(z[:, shown], z[:, j])
+            expected = mean[j] + sd[j] * fit.predict(zt[row : row + 1, shown])[0]
+            assert pred[row, j] == pytest.approx(expected, rel=1e-8, abs=1e-8)
+    with pytest.raises(ValueError, match="hidden has shape"):
+        RidgeBaseline.fit(x, alpha).predict(x_test, mask[:5])
+    with pytest.raises(ValueError, match="alpha"):
+        RidgeBaseline.fit(x, 0)
