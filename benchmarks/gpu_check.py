@@ -37,6 +37,12 @@ a run cut short keeps what it measured; a global ``--budget-s`` skips what is le
     An NCCL process group (gloo on CPU) under torchrun with one rank per GPU: an all-reduce and
     three DDP training steps of a tiny BioFormer (the trainer itself creates no process group
     when it runs as a single process, so ``ddp_smoke`` on one GPU does not touch NCCL).
+``loader``
+    The training data path at the journal shape: masked micro-batches of 32 cells x 500 genes
+    from memory-mapped binned arrays (``evoformer.train.TrainBatches`` through a
+    ``DataLoader``) with 0, 2 and 4 worker processes (pinned memory on CUDA), in cells/s, next
+    to the model's consumption from ``throughput``: the loader is not the bottleneck when its
+    cells/s is well above the model's samples/s.
 ``sdpa``
     Which ``scaled_dot_product_attention`` backends run in one training step of each
     configuration (profiler op / kernel names), which one runs by default for the row-attention
@@ -89,6 +95,7 @@ ITEMS = (
     "throughput",
     "ddp_smoke",
     "nccl_ddp",
+    "loader",
     "sdpa",  # last: forcing a backend that crashes must not cost the other items
 )
 GROUPS = {"memory": ("memory_journal", "memory_pair_stack"), "all": ITEMS}
@@ -795,8 +802,8 @@ def item_sdpa(ctx: Context, partial: Callable[[dict], None]) -> dict[str, Any]:
 
 def write_binned(folder: Path, n_cells: int, n_genes: int, n_bins: int, seed: int = 0) -> None:
     """A binned folder as ``evoformer.data.binning.bin_h5ad`` writes it (include_zero_genes):
-    values.npy [N, G] bins, gene_index.npy [1, G], edges.npy [N, n_bins-1] float32, cells.tsv
-    (cell_id, label), genes.tsv (gene_id), meta.json."""
+    values.npy [N, G] bins, gene_index.npy [1, G], edges.npy [N, n_bins-1] float32,
+    expression.npy [N, G] float32, cells.tsv (cell_id, label), genes.tsv (gene_id), meta.json."""
     import pandas as pd
 
     from evoformer.io import atomic_path, write_text_atomic
@@ -807,11 +814,15 @@ def write_binned(folder: Path, n_cells: int, n_genes: int, n_bins: int, seed: in
     values = rng.integers(1, n_bins, size=(n_cells, n_genes)).astype(vdtype)
     values[rng.random((n_cells, n_genes)) < 0.5] = 0  # zeros are bin 0
     edges = np.sort(rng.random((n_cells, n_bins - 1)).astype(np.float32) * 5, axis=1)
+    # each token's value: its bin's lower edge (0 for zeros), as the metrics read it
+    lower = np.concatenate([np.zeros((n_cells, 1), np.float32), edges], axis=1)
+    expression = np.take_along_axis(lower, values.astype(np.int64), axis=1)
     folder.mkdir(parents=True, exist_ok=True)
     for name, arr in (
         ("values.npy", values),
         ("gene_index.npy", np.arange(n_genes, dtype=gdtype)[None, :]),
         ("edges.npy", edges),
+        ("expression.npy", expression.astype(np.float32)),
     ):
         with atomic_path(folder / name) as tmp:
             np.save(tmp, arr)
@@ -1003,6 +1014,49 @@ def item_ddp_smoke(ctx: Context, partial: Callable[[dict], None]) -> dict[str, A
             + ("" if res["model_pt"] else ", no model.pt")
             + f"; log: {log_path}"
         ]
+    return res
+
+
+def item_loader(ctx: Context, partial: Callable[[dict], None]) -> dict[str, Any]:
+    """Cells/s of the training DataLoader at the journal shape (see the module docstring)."""
+    from evoformer.data.arrays import BinnedData
+    from evoformer.train import CellBatches, TrainBatches
+    from evoformer.train_config import TrainConfig
+
+    cfg = ctx.sizes.journal
+    n_cells = 4096 if ctx.device.type == "cuda" else 256
+    folder = ctx.out / "loader_data"
+    write_binned(folder, n_cells, cfg.n_hvg, cfg.n_bins)
+    data = BinnedData.open(folder)
+    cells = CellBatches(data, np.arange(n_cells), np.full(n_cells, -1), 1)
+    order = np.random.default_rng(0).permutation(n_cells)
+    mb = cfg.micro_batch
+    plan = [(order[i : i + mb], i // mb, 0) for i in range(0, n_cells - mb + 1, mb)]
+    train = TrainConfig(micro_batch_size=mb, global_batch_size=mb)
+    res: dict[str, Any] = {"shape": f"{mb} cells x {cfg.n_hvg} genes per batch", "rows": []}
+    for workers in (0, 2, 4):
+        loader = torch.utils.data.DataLoader(
+            TrainBatches(cells, plan, train, cfg.n_bins, 0, 0, False),
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=ctx.device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+            generator=torch.Generator().manual_seed(0),
+        )
+        t0 = time.perf_counter()
+        n = 0
+        for batch in loader:
+            batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
+            n += batch["values"].shape[0]
+        sync(ctx.device)
+        dt = time.perf_counter() - t0
+        res["rows"].append({"workers": workers, "cells": n, "seconds": dt, "cells_per_s": n / dt})
+        partial(res)
+    model = (ctx.recorder.data.get("items", {}).get("throughput") or {}).get("rows") or []
+    ok = [r for r in model if r.get("status") == "ok" and r.get("precision") == "bf16"]
+    if ok:
+        res["model_samples_per_s"] = ok[0]["samples_per_s"]
+        res["headroom"] = max(r["cells_per_s"] for r in res["rows"]) / ok[0]["samples_per_s"]
     return res
 
 
@@ -1265,6 +1319,26 @@ def render_markdown(data: dict[str, Any]) -> str:
         ]
         lines += _status_line(nc)
 
+    ld = items.get("loader")
+    if ld:
+        lines += [
+            f"## Data loader at the journal shape ({ld.get('shape', '')})",
+            "",
+            "| workers | cells | seconds | cells/s |",
+            "|---|---|---|---|",
+        ]
+        for r in ld.get("rows") or []:
+            lines.append(
+                f"| {r['workers']} | {r['cells']} | {fmt(r['seconds'])} | {fmt(r['cells_per_s'], 4)} |"
+            )
+        if ld.get("model_samples_per_s"):
+            lines.append(
+                f"\nModel consumption (journal config, bf16): {fmt(ld['model_samples_per_s'], 4)} "
+                f"samples/s; best loader / model: {fmt(ld.get('headroom'))}x"
+            )
+        lines.append("")
+        lines += _status_line(ld)
+
     missing = [n for n in ITEMS if n not in items]
     if missing:
         lines += [f"Not run: {', '.join(missing)}", ""]
@@ -1293,6 +1367,7 @@ ITEM_FUNCS: dict[str, Callable[[Context, Callable[[dict], None]], dict[str, Any]
     "sdpa": item_sdpa,
     "ddp_smoke": item_ddp_smoke,
     "nccl_ddp": item_nccl_ddp,
+    "loader": item_loader,
 }
 
 

@@ -22,6 +22,7 @@ ITEMS = (
     "sdpa",
     "ddp_smoke",
     "nccl_ddp",
+    "loader",
 )
 MISSING_ON_GPU_MACHINE = ("anndata", "scanpy", "jsonschema", "umap", "snakemake")
 
@@ -124,6 +125,10 @@ def test_cpu_dry_run_end_to_end(tmp_path):
     assert (out / "ddp_smoke" / "train" / "model.pt").is_file()
     nccl = items["nccl_ddp"]
     assert nccl["passed"] and nccl["backend"] == "gloo" and nccl["params_in_sync"]
+    loader = items["loader"]
+    assert [r["workers"] for r in loader["rows"]] == [0, 2, 4]
+    assert all(r["cells"] == 256 and r["cells_per_s"] > 0 for r in loader["rows"])
+    assert loader["model_samples_per_s"] > 0 and loader["headroom"] > 0
 
     md = (out / "gpu_check.md").read_text()
     for heading in (
@@ -133,6 +138,7 @@ def test_cpu_dry_run_end_to_end(tmp_path):
         "## SDPA backends",
         "## Training entry point smoke run",
         "## Process group + DDP",
+        "## Data loader at the journal shape",
     ):
         assert heading in md
     assert "Not run" not in md
