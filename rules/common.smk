@@ -46,12 +46,15 @@ def dataset_entry(name):
 
 
 def dataset_file(name):
-    """The .h5ad file of a dataset, relative to the workflow directory."""
+    """The .h5ad file of a dataset, relative to the workflow directory; for a dataset
+    given as several files (``paths:``), the list of them (read as one dataset)."""
     entry = dataset_entry(name)
     if entry["kind"] == "pbmc68k":
         return PBMC68K_PATH
     if entry["kind"] == "synthetic":
         return f"{SYNTHETIC_DIR}/{name}.h5ad"
+    if entry.get("paths"):
+        return list(entry["paths"])
     return entry["path"]
 
 
