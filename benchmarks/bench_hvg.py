@@ -92,7 +92,8 @@ def write_counts_h5ad(
             rows = np.repeat(np.arange(n, dtype=np.int64), draws)
             u = rng.random(len(rows)) + types[start:stop][rows]
             genes = np.minimum(np.searchsorted(flat_cdf, u), flat_cdf.size - 1) % n_genes
-            keys = np.unique(rows * n_genes + genes)
+            keys = np.sort(rows * n_genes + genes)  # de-duplicated below (np.unique hashes: slow)
+            keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
             rows, genes = keys // n_genes, keys % n_genes
             scale = rng.lognormal(0.0, 0.4, n)
             values = (1 + rng.poisson(gene_mu[genes] * scale[rows])).astype(np.float32)
@@ -120,10 +121,40 @@ def write_counts_h5ad(
 DATASET = {"expression": "X", "value_type": "counts", "label_key": "cell_type"}
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM of /proc/self/status; ru_maxrss as fallback).
+
+    VmHWM belongs to the process image: it starts afresh at exec, whereas ru_maxrss keeps
+    the high-water mark of the forked parent copy (a child of a large parent reports at
+    least the parent's size)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def stage(name: str, args: argparse.Namespace) -> None:
-    """Run one stage in this process (the parent measures it)."""
+    """Run one stage in this process (the parent measures it); write its peak RSS."""
     work = Path(args.workdir)
-    if name == "hvg" or name == "hvg_ref_streamed":
+    try:
+        _stage(name, args, work)
+    finally:
+        (work / f"{name}.rss").write_text(str(peak_rss_bytes()))
+
+
+def _stage(name: str, args: argparse.Namespace, work: Path) -> None:
+    if name in ("write", "write_reference"):
+        reference = name == "write_reference"
+        cells = args.reference_cells if reference else args.cells
+        path = work / ("reference.h5ad" if reference else "counts.h5ad")
+        info = write_counts_h5ad(path, cells, args.genes, args.density, seed=int(reference))
+        (work / f"{name}.json").write_text(json.dumps(info))
+    elif name == "hvg" or name == "hvg_ref_streamed":
         from evoformer.data.hvg import run_hvg
 
         source = work / ("counts.h5ad" if name == "hvg" else "reference.h5ad")
@@ -161,16 +192,21 @@ def stage(name: str, args: argparse.Namespace) -> None:
 
 
 def measure(name: str, args: argparse.Namespace) -> dict:
-    """Run ``stage(name)`` in a child process: wall time (s) and its own peak RSS (GiB)."""
+    """Run ``stage(name)`` in a child process: wall time (s) and its peak RSS (GiB)."""
     cmd = [sys.executable, __file__, "--stage", name, *sys.argv[1:]]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"stage {name} failed ({proc.returncode})")
-    result = {"stage": name, "wall_s": round(wall, 1), "peak_rss_gib": usage.ru_maxrss / 2**20}
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"stage {name} failed ({os.waitstatus_to_exitcode(status)})")
+    rss = int((Path(args.workdir) / f"{name}.rss").read_text())
+    result = {
+        "stage": name,
+        "wall_s": round(wall, 1),
+        "peak_rss_gib": rss / 2**30,
+        "ru_maxrss_gib": usage.ru_maxrss / 2**20,  # includes the parent's size at fork
+    }
     print(json.dumps(result), flush=True)
     return result
 
@@ -195,19 +231,18 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
-        t = time.perf_counter()
-        info = write_counts_h5ad(work / "counts.h5ad", args.cells, args.genes, args.density)
+        written = measure("write", args)
+        info = json.loads((work / "write.json").read_text())
         print(
             f"wrote {args.cells} x {args.genes}: {info['density']:.2%} non-zero, "
-            f"{info['bytes'] / 2**30:.2f} GiB in {time.perf_counter() - t:.0f} s",
+            f"{info['bytes'] / 2**30:.2f} GiB in {written['wall_s']:.0f} s",
             flush=True,
         )
         chain = [measure(name, args) for name in ("hvg", "bin", "split")]
         rows.append((args.cells, info, chain))
         if args.reference_cells:
-            ref = write_counts_h5ad(
-                work / "reference.h5ad", args.reference_cells, args.genes, args.density, seed=1
-            )
+            measure("write_reference", args)
+            ref = json.loads((work / "write_reference.json").read_text())
             pair = [measure(name, args) for name in ("hvg_ref_streamed", "hvg_ref_in_memory")]
             streamed = pd.read_csv(work / "hvg_ref/genes.tsv", sep="\t", index_col=0)
             in_memory = pd.read_csv(work / "genes_in_memory.tsv", sep="\t", index_col=0)
