@@ -240,6 +240,11 @@ def main() -> None:
         )
         chain = [measure(name, args) for name in ("hvg", "bin", "split")]
         rows.append((args.cells, info, chain))
+        sizes = {
+            "hvg.h5ad": (work / "hvg/hvg.h5ad").stat().st_size,
+            "bins/": sum(p.stat().st_size for p in (work / "bins").iterdir()),
+        }
+        print(json.dumps({"output_bytes": sizes}), flush=True)
         if args.reference_cells:
             measure("write_reference", args)
             ref = json.loads((work / "write_reference.json").read_text())
@@ -268,6 +273,7 @@ def main() -> None:
             )
         if same:
             print(f"\nstreamed vs in-memory at {cells:,} cells: same genes and ranks: {same[0]}")
+    print("outputs: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sizes.items()))
     chain = rows[0][2]
     print(
         f"\nwhole chain: {sum(r['wall_s'] for r in chain):.0f} s, peak RSS {max(r['peak_rss_gib'] for r in chain):.2f} GiB"

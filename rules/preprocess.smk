@@ -4,7 +4,10 @@
 # The data steps size their cluster resources from their input (all files of a multi-file
 # dataset): base + per GiB of input, times the attempt (a retry after an out-of-memory or
 # time-out kill asks for more), at least 2000 MB and 10 minutes, so an atlas does not die
-# at the profile's defaults. Figures: benchmarks/bench_hvg.py (BENCHMARKS.md).
+# at the profile's defaults. Measured (benchmarks/bench_hvg.py, BENCHMARKS.md) on an 8.7 GiB
+# file of 1M cells x 20k genes: hvg (streamed) 0.7 GiB peak, 0.2-0.4 min per GiB; bin
+# 2.4 GiB peak for a 0.66 GiB hvg.h5ad (mostly its memory-mapped [N, n_hvg] output, so
+# 4 MB per MB of a sparse HVG matrix); split 0.5 GiB. The formulas leave a margin of ~1.5-5x.
 
 
 wildcard_constraints:
@@ -87,7 +90,7 @@ rule bin:
     threads: 4
     resources:
         mem_mb=lambda wc, input, attempt: int(
-            max(2000, 1500 + 200 * input.size_mb / 1024) * attempt
+            max(2000, 1000 + 4 * input.size_mb) * attempt
         ),
         runtime=lambda wc, input, attempt: int(
             max(10, 2 * input.size_mb / 1024) * attempt

@@ -7,6 +7,7 @@ of changed configurations against it (they plan, never run, so they do not inter
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -215,3 +216,24 @@ def test_dataset_of_several_files(make_workflow):
         lines = _error_lines(proc.stdout)
         assert proc.returncode != 0 and len(lines) == 1, proc.stdout[-2000:]
         assert lines[0].startswith("invalid config: datasets.parts: "), lines
+
+
+def test_resources_scale_with_the_input_size(make_workflow):
+    """hvg and split ask for memory and time from their input's size (here two sparse files
+    of 10 GiB each: no disk used), above the 2000 MB / 10 min floor; a dry run plans them."""
+    wf = make_workflow("resources")
+    (wf.root / "data").mkdir()
+    for name in ("a", "b"):
+        with open(wf.root / f"data/{name}.h5ad", "wb") as f:
+            f.truncate(10 * 2**30)
+    datasets = {"big": {"paths": ["data/a.h5ad", "data/b.h5ad"], "value_type": "counts"}}
+    config = wf.config("big", datasets=datasets, experiment={"dataset": "big"})
+    targets = ["results/big/hvg50/hvg.h5ad", "results/big/split.tsv"]
+    out = wf.run("--dry-run", *targets, configfile=config).stdout
+    resources = {
+        rule: re.search(rf"rule {rule}:.*?resources: ([^\n]+)", out, flags=re.S).group(1)
+        for rule in ("hvg", "split")
+    }
+    # hvg: 1500 + 100 MB per GiB of input, 2 min per GiB; split: the floor
+    assert "mem_mb=3500" in resources["hvg"] and "runtime=40" in resources["hvg"]
+    assert "mem_mb=2000" in resources["split"] and "runtime=10" in resources["split"]
