@@ -50,7 +50,8 @@ def dataset_entry(name):
 
 
 def dataset_file(name):
-    """The .h5ad file of a dataset, relative to the workflow directory."""
+    """The .h5ad file of a dataset, relative to the workflow directory; for a dataset
+    given as several files (``paths:``), the list of them (read as one dataset)."""
     entry = dataset_entry(name)
     if entry["kind"] == "pbmc68k":
         return PBMC68K_PATH
@@ -58,6 +59,8 @@ def dataset_file(name):
         return f"{SYNTHETIC_DIR}/{name}.h5ad"
     if entry["kind"] == "planted":
         return f"{PLANTED_DIR}/{name}.h5ad"
+    if entry.get("paths"):
+        return list(entry["paths"])
     return entry["path"]
 
 
@@ -180,21 +183,24 @@ def check_config():
 
 
 def known_cells_by_label(name):
-    """Cells per label of a dataset whose file already exists (None otherwise)."""
+    """Cells per label of a dataset whose files already exist (None otherwise)."""
+    from collections import Counter
+
     from evoformer.data.split import cells_by_label
 
     entry = dataset_entry(name)
-    if not Path(dataset_file(name)).exists():
+    files = dataset_file(name)
+    files = files if isinstance(files, list) else [files]
+    if not all(Path(f).exists() for f in files):
         return None
-    stratify = config["split"].get("stratify", True)
-    try:
-        return cells_by_label(
-            dataset_file(name), entry.get("label_key") if stratify else None
-        )
-    except (OSError, KeyError) as e:
-        raise WorkflowError(
-            f"{dataset_file(name)}: cannot read the cells ({e})"
-        ) from None
+    label = entry.get("label_key") if config["split"].get("stratify", True) else None
+    total = Counter()
+    for f in files:
+        try:
+            total.update(cells_by_label(f, label))
+        except (OSError, KeyError) as e:
+            raise WorkflowError(f"{f}: cannot read the cells ({e})") from None
+    return dict(total)
 
 
 # ------------------------------------------------------------------ experiments (training on)

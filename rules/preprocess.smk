@@ -1,6 +1,13 @@
 # Preprocessing: dataset materialisation, HVG selection, binning, splitting.
 # Each rule gets only the config slice it uses as params; the work is done by the
 # evoformer package (evoformer/data), called from thin workflow_scripts.
+# The data steps size their cluster resources from their input (all files of a multi-file
+# dataset): base + per GiB of input, times the attempt (a retry after an out-of-memory or
+# time-out kill asks for more), at least 2000 MB and 10 minutes, so an atlas does not die
+# at the profile's defaults. Measured (benchmarks/bench_hvg.py, BENCHMARKS.md) on an 8.7 GiB
+# file of 1M cells x 20k genes: hvg (streamed) 0.7 GiB peak, 0.2-0.4 min per GiB; bin
+# 2.4 GiB peak for a 0.66 GiB hvg.h5ad (mostly its memory-mapped [N, n_hvg] output, so
+# 4 MB per MB of a sparse HVG matrix); split 0.5 GiB. The formulas leave a margin of ~1.5-5x.
 
 
 wildcard_constraints:
@@ -67,6 +74,13 @@ rule hvg:
         "results/benchmarks/hvg/{dataset}_hvg{n_hvg}.tsv"
     conda:
         "../envs/workflow.yaml"
+    resources:
+        mem_mb=lambda wc, input, attempt: int(
+            max(2000, 1500 + 100 * input.size_mb / 1024) * attempt
+        ),
+        runtime=lambda wc, input, attempt: int(
+            max(10, 2 * input.size_mb / 1024) * attempt
+        ),
     params:
         dataset=lambda wc: expression_config(wc.dataset),
         hvg=hvg_config(),
@@ -92,6 +106,13 @@ rule bin:
     conda:
         "../envs/workflow.yaml"
     threads: 4
+    resources:
+        mem_mb=lambda wc, input, attempt: int(
+            max(2000, 1000 + 4 * input.size_mb) * attempt
+        ),
+        runtime=lambda wc, input, attempt: int(
+            max(10, 2 * input.size_mb / 1024) * attempt
+        ),
     params:
         binning=binning_config(),
     script:
@@ -109,6 +130,13 @@ rule split:
         "results/benchmarks/split/{dataset}.tsv"
     conda:
         "../envs/workflow.yaml"
+    resources:
+        mem_mb=lambda wc, input, attempt: int(
+            max(2000, 1000 + 20 * input.size_mb / 1024) * attempt
+        ),
+        runtime=lambda wc, input, attempt: int(
+            max(10, 0.5 * input.size_mb / 1024) * attempt
+        ),
     params:
         label_key=lambda wc: dataset_entry(wc.dataset)["label_key"],
         split=split_config(),

@@ -10,6 +10,7 @@ import scipy.sparse as sp
 
 from evoformer.data.datasets import (
     DatasetSpec,
+    ExpressionFiles,
     load_expression,
     make_synthetic,
     materialise_pbmc68k,
@@ -183,3 +184,116 @@ def test_write_synthetic_rejects_unknown_parameters(tmp_path):
     with pytest.raises(InputError, match="unknown parameters"):
         write_synthetic(tmp_path / "s.h5ad", {"n_cell": 10})
     assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- several files, streaming
+def test_spec_with_several_paths():
+    spec = DatasetSpec.from_config("m", {"paths": ["a.h5ad", "b.h5ad"], "value_type": "counts"})
+    assert spec.files == ["a.h5ad", "b.h5ad"] and spec.kind == "h5ad"
+    assert DatasetSpec.from_config("u", {"path": "/d/u.h5ad"}).files == ["/d/u.h5ad"]
+    with pytest.raises(InputError, match=r"datasets\.m has 2 files"):
+        spec.file  # noqa: B018
+    with pytest.raises(InputError, match=r"datasets\.m: give path or paths, not both"):
+        DatasetSpec.from_config("m", {"path": "a.h5ad", "paths": ["b.h5ad"]})
+    for bad in ([], "a.h5ad", [""], [1]):
+        with pytest.raises(InputError, match=r"datasets\.m\.paths: expected a non-empty list"):
+            DatasetSpec.from_config("m", {"paths": bad})
+
+
+def test_read_cells_of_several_files(tmp_path):
+    x = sp.csr_matrix(np.ones((3, 2), dtype=np.float32))
+    a = _write(
+        tmp_path / "a.h5ad", x, obs=pd.DataFrame({"ct": list("xyz")}, index=["a0", "a1", "a2"])
+    )
+    b = _write(
+        tmp_path / "b.h5ad", x, obs=pd.DataFrame({"ct": list("xxy")}, index=["b0", "b1", "b2"])
+    )
+    spec = DatasetSpec(name="m", paths=(str(a), str(b)), label_key="ct")
+    cells = read_cells([a, b], spec)
+    assert list(cells.columns) == ["cell_id", "label", "source_file"]
+    assert list(cells.cell_id) == ["a0", "a1", "a2", "b0", "b1", "b2"]
+    assert list(cells.label) == list("xyzxxy")
+    assert list(cells.source_file) == [str(a)] * 3 + [str(b)] * 3
+    assert list(read_cells(a, spec).columns) == ["cell_id", "label"]  # one file: as before
+    dup = _write(
+        tmp_path / "dup.h5ad", x, obs=pd.DataFrame({"ct": list("xyz")}, index=["b2", "c", "a1"])
+    )
+    with pytest.raises(InputError) as exc:
+        read_cells([a, b, dup], spec)
+    assert _one_line(exc) == (
+        f"datasets.m.paths: 2 cell ids occur in more than one file (e.g. 'a1' in {a} and {dup}); "
+        "cell ids must be unique across the files"
+    )
+
+
+def test_expression_files_match_genes_by_name(tmp_path):
+    a = _write(tmp_path / "a.h5ad", sp.csr_matrix(np.array([[1, 2, 3]], dtype=np.float32)))
+    b_x = sp.csr_matrix(np.array([[30, 0, 10, 40], [0, 20, 0, 0]], dtype=np.float32))
+    b = tmp_path / "b.h5ad"
+    ad.AnnData(
+        X=b_x,
+        obs=pd.DataFrame(index=["d0", "d1"]),
+        var=pd.DataFrame(index=["g2", "g1", "g0", "other"]),
+    ).write_h5ad(b)
+    spec = DatasetSpec(name="m", paths=(str(a), str(b)))
+    with ExpressionFiles([a, b], spec, max_nonzeros=1) as files:
+        assert list(files.gene_ids) == ["g0", "g1", "g2"] and files.n_cells == 3
+        chunks = list(files.chunks(validate=True))
+        assert [c.part for c in chunks] == [0, 1, 1] and [c.start for c in chunks] == [0, 1, 2]
+        x = sp.vstack([c.x for c in chunks]).toarray()
+        assert np.array_equal(x, [[1, 2, 3], [10, 0, 30], [0, 20, 0]])
+        obs = files.cells()
+    assert list(obs.index) == ["c0", "d0", "d1"]
+    assert list(obs["source_file"]) == [str(a), str(b), str(b)]
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ("shape", r"X has shape \(3, 2\), obs/var say \(3, 3\)"),
+        ("no_genes", r"X has no cells or no genes"),
+        ("not_a_matrix", r"X is not a matrix \(encoding 'dict'\)"),
+    ],
+)
+def test_expression_files_reject_malformed_files(tmp_path, layout, message):
+    import h5py
+
+    path = _write(tmp_path / "a.h5ad", sp.csr_matrix(np.ones((3, 3), dtype=np.float32)))
+    if layout == "no_genes":
+        path = _write(tmp_path / "b.h5ad", sp.csr_matrix((3, 0), dtype=np.float32))
+    with h5py.File(path, "a") as f:
+        if layout == "shape":
+            f["X"].attrs["shape"] = np.array([3, 2])
+        elif layout == "not_a_matrix":
+            del f["X"]
+            f.create_group("X").attrs["encoding-type"] = "dict"
+    with pytest.raises(InputError, match=message) as exc:
+        ExpressionFiles(path, DatasetSpec(name="a", path=str(path)))
+    assert _one_line(exc).startswith(str(path))
+
+
+@pytest.mark.parametrize(
+    ("values", "value_type", "message"),
+    [
+        ([[1.0, np.nan]], "log1p", "contains NaN or infinite values"),
+        ([[1.0, -2.0]], "log1p", r"has negative values \(min -2\)"),
+        (
+            [[1.0, 0.5]],
+            "counts",
+            r"value_type is counts but X holds non-integer values \(e\.g\. 0\.5\)",
+        ),
+        (
+            [[1.0, 2.0]],
+            "log1p",
+            r"datasets\.a\.value_type is log1p but X holds only integer values",
+        ),
+    ],
+)
+def test_expression_files_validate_values(tmp_path, values, value_type, message):
+    path = _write(tmp_path / "a.h5ad", np.array(values, dtype=np.float32))
+    spec = DatasetSpec(name="a", path=str(path), value_type=value_type)
+    with ExpressionFiles(path, spec) as files:
+        list(files.chunks())  # no validation asked: reads
+        with pytest.raises(InputError, match=message) as exc:
+            list(files.chunks(validate=True))
+    assert _one_line(exc).startswith(str(path))

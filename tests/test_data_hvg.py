@@ -14,7 +14,7 @@ from evoformer.data.datasets import (
     make_synthetic,
     materialise_pbmc68k,
 )
-from evoformer.data.hvg import run_hvg, select_hvg
+from evoformer.data.hvg import run_hvg, select_hvg_in_memory
 from evoformer.errors import InputError
 
 PBMC = {"expression": "raw", "value_type": "log1p", "label_key": "bulk_labels"}
@@ -78,8 +78,8 @@ def test_seurat_v3_on_counts_outputs_log_normalised(tmp_path, synthetic_file):
 def test_selection_depends_on_n_top_genes_only_through_its_size(pbmc_file):
     adata = load_expression(pbmc_file, DatasetSpec.expression_only("d", PBMC))
     spec = DatasetSpec.expression_only("d", PBMC)
-    small, _ = select_hvg(adata.copy(), spec, 20)
-    large, _ = select_hvg(adata, spec, 60)
+    small, _ = select_hvg_in_memory(adata.copy(), spec, 20)
+    large, _ = select_hvg_in_memory(adata, spec, 60)
     assert set(small.var_names) <= set(large.var_names)
 
 

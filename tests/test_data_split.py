@@ -94,3 +94,20 @@ def test_run_split_reads_cells_only(tmp_path):
     ):
         run_split(path, "d", "celltype", split, tmp_path / "other.tsv")
     assert not (tmp_path / "other.tsv").exists()
+
+
+def test_run_split_over_several_files(tmp_path):
+    """One split over the cells of all files, the same as over one file holding them all."""
+    data = make_synthetic(n_cells=200, n_genes=20, n_types=3, seed=0)
+    parts = [tmp_path / "a.h5ad", tmp_path / "b.h5ad"]
+    data[:80].copy().write_h5ad(parts[0])
+    data[80:].copy().write_h5ad(parts[1])
+    data.write_h5ad(tmp_path / "all.h5ad")
+    split = {"fractions": FRACTIONS, "stratify": True, "n_folds": 2, "seed": 3}
+    table = run_split(parts, "m", "cell_type", split, tmp_path / "parts.tsv")
+    whole = run_split(tmp_path / "all.h5ad", "m", "cell_type", split, tmp_path / "all.tsv")
+    assert table.equals(whole) and len(table) == 200
+    data[70:90].copy().write_h5ad(parts[1])  # cells 70-79 in both files
+    with pytest.raises(InputError, match=r"10 cell ids occur in more than one file"):
+        run_split(parts, "m", "cell_type", split, tmp_path / "bad.tsv")
+    assert not (tmp_path / "bad.tsv").exists()

@@ -7,6 +7,7 @@ of changed configurations against it (they plan, never run, so they do not inter
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -219,3 +220,72 @@ def test_synthetic_dataset_without_cv_and_non_zero_tokens(make_workflow):
     split = pd.read_csv(root / "results/tiny_synthetic/split.tsv", sep="\t")
     assert (split.fold == -1).all() and len(split) == 300
     assert np.isin(data.cells.label.unique(), ["type_0", "type_1", "type_2"]).all()
+
+
+def test_dataset_of_several_files(make_workflow):
+    """A dataset given as two h5ad parts (paths:) runs through preprocess as one dataset."""
+    import anndata as ad
+
+    from evoformer.data.datasets import make_synthetic
+
+    wf = make_workflow("parts")
+    data = make_synthetic(n_cells=300, n_genes=200, n_types=3, seed=1)
+    (wf.root / "data").mkdir()
+    data[:120].copy().write_h5ad(wf.root / "data/part_a.h5ad")
+    data[120:, ::-1].copy().write_h5ad(wf.root / "data/part_b.h5ad")  # genes in another order
+    datasets = {
+        "parts": {
+            "paths": ["data/part_a.h5ad", "data/part_b.h5ad"],
+            "value_type": "counts",
+            "label_key": "cell_type",
+        }
+    }
+    config = wf.config(
+        "parts",
+        datasets=datasets,
+        experiment={"dataset": "parts", "n_hvg": 40, "n_bins": 5},
+        hvg={"flavor": "seurat", "min_cells_per_gene": 3},
+        split={"n_folds": 0},
+    )
+    proc = wf.run("preprocess", configfile=config)
+    data_dir = wf.root / "results/parts/hvg40/bins5"
+    binned = BinnedData.open(data_dir)
+    hvg = ad.read_h5ad(wf.root / "results/parts/hvg40/hvg.h5ad")
+    split = pd.read_csv(wf.root / "results/parts/split.tsv", sep="\t")
+    assert len(binned) == 300 and list(binned.cells.cell_id) == list(data.obs_names)
+    assert list(hvg.obs.columns) == ["label", "source_file"]
+    assert hvg.obs["source_file"].value_counts().to_dict() == {
+        "data/part_a.h5ad": 120,
+        "data/part_b.h5ad": 180,
+    }
+    assert len(split) == 300 and set(split.cell_id) == set(data.obs_names)
+    # resources from the input size: the floor for a small dataset
+    assert "mem_mb=2000" in proc.stdout and "runtime=10" in proc.stdout
+    # path and paths together, or neither: one line naming the dataset
+    bad = {"parts": {"path": "data/part_a.h5ad", "paths": ["data/part_b.h5ad"]}}
+    for entry in (bad, {"parts": {"value_type": "counts"}}):
+        proc = wf.run("--dry-run", configfile=wf.config("bad", datasets=entry), check=False)
+        lines = _error_lines(proc.stdout)
+        assert proc.returncode != 0 and len(lines) == 1, proc.stdout[-2000:]
+        assert lines[0].startswith("invalid config: datasets.parts: "), lines
+
+
+def test_resources_scale_with_the_input_size(make_workflow):
+    """hvg and split ask for memory and time from their input's size (here two sparse files
+    of 10 GiB each: no disk used), above the 2000 MB / 10 min floor; a dry run plans them."""
+    wf = make_workflow("resources")
+    (wf.root / "data").mkdir()
+    for name in ("a", "b"):
+        with open(wf.root / f"data/{name}.h5ad", "wb") as f:
+            f.truncate(10 * 2**30)
+    datasets = {"big": {"paths": ["data/a.h5ad", "data/b.h5ad"], "value_type": "counts"}}
+    config = wf.config("big", datasets=datasets, experiment={"dataset": "big"})
+    targets = ["results/big/hvg50/hvg.h5ad", "results/big/split.tsv"]
+    out = wf.run("--dry-run", *targets, configfile=config).stdout
+    resources = {
+        rule: re.search(rf"rule {rule}:.*?resources: ([^\n]+)", out, flags=re.S).group(1)
+        for rule in ("hvg", "split")
+    }
+    # hvg: 1500 + 100 MB per GiB of input, 2 min per GiB; split: the floor
+    assert "mem_mb=3500" in resources["hvg"] and "runtime=40" in resources["hvg"]
+    assert "mem_mb=2000" in resources["split"] and "runtime=10" in resources["split"]

@@ -9,10 +9,16 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent))
 from evoformer.data.split import run_split  # noqa: E402
 from evoformer.data.step import run_step  # noqa: E402
 
+# one .h5ad file, or the list of files of a dataset given as several (paths:)
+dataset = snakemake.input.dataset
+dataset_path = dataset if isinstance(dataset, str) else list(dataset)
+if isinstance(dataset_path, list) and len(dataset_path) == 1:
+    dataset_path = dataset_path[0]
+
 run_step(
     snakemake.log[0],
     run_split,
-    dataset_path=snakemake.input.dataset,
+    dataset_path=dataset_path,
     dataset_name=snakemake.wildcards.dataset,
     label_key=snakemake.params.label_key,
     split=dict(snakemake.params.split),

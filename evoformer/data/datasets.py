@@ -1,16 +1,24 @@
 """Datasets: config specs, loading an expression matrix from .h5ad with validation,
 the bundled PBMC demo, and a seeded synthetic negative-binomial generator.
 
-A dataset is an .h5ad file plus three facts from the config: where the expression
-lives (``X``, ``raw`` or ``layer:<name>``), whether it holds raw counts or
-log1p-normalised values, and which ``obs`` column holds the cell label (optional).
+A dataset is an .h5ad file (or several, ``paths:``, read as one) plus three facts from
+the config: where the expression lives (``X``, ``raw`` or ``layer:<name>``), whether it
+holds raw counts or log1p-normalised values, and which ``obs`` column holds the cell
+label (optional).
+
+Atlas-sized data is never loaded whole: :class:`ExpressionFiles` opens the file(s) with
+h5py and yields row chunks of the expression (CSR, CSC or dense on disk; several files
+restricted to their shared genes in one gene order), validating the values on the way.
+:func:`load_expression` loads a whole (small) matrix into memory.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +55,10 @@ SYNTHETIC_LABEL_KEY = "cell_type"
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One entry of the config's ``datasets`` mapping."""
+    """One entry of the config's ``datasets`` mapping.
+
+    A kind-h5ad dataset has one file (``path``) or several read as one (``paths``).
+    """
 
     name: str
     kind: str = "h5ad"
@@ -56,6 +67,7 @@ class DatasetSpec:
     value_type: str = "counts"
     label_key: str | None = None
     synthetic: dict[str, Any] = field(default_factory=dict)
+    paths: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"datasets.{self.name}"
@@ -66,18 +78,29 @@ class DatasetSpec:
         expr = self.expression
         if not (expr in ("X", "raw") or (expr.startswith("layer:") and len(expr) > 6)):
             raise InputError(f"{where}.expression={expr!r}: expected X, raw or layer:<name>")
+        if self.path and self.paths:
+            raise InputError(f"{where}: give path or paths, not both")
 
     @classmethod
     def from_config(cls, name: str, cfg: Mapping[str, Any]) -> DatasetSpec:
         """Build from the config entry ``datasets.<name>`` (a plain dict)."""
         kind = cfg.get("kind", "h5ad")
-        if kind == "h5ad" and not cfg.get("path"):
-            raise InputError(f"datasets.{name}.path: required for kind h5ad")
+        paths = cfg.get("paths")
+        if paths is not None and (
+            isinstance(paths, str)
+            or not isinstance(paths, Sequence)
+            or not paths
+            or not all(isinstance(p, str) and p for p in paths)
+        ):
+            raise InputError(f"datasets.{name}.paths: expected a non-empty list of file paths")
+        if kind == "h5ad" and not cfg.get("path") and not paths:
+            raise InputError(f"datasets.{name}.path: required for kind h5ad (or paths: [...])")
         synthetic = {**SYNTHETIC_DEFAULTS, **(cfg.get("synthetic") or {})}
         return cls(
             name=name,
             kind=kind,
             path=cfg.get("path"),
+            paths=tuple(paths or ()),
             expression=cfg.get("expression", "X"),
             value_type=cfg.get("value_type", "counts"),
             label_key=cfg.get("label_key"),
@@ -96,15 +119,25 @@ class DatasetSpec:
         )
 
     @property
-    def file(self) -> str:
-        """The .h5ad path of this dataset, relative to the workflow directory."""
+    def files(self) -> list[str]:
+        """The .h5ad file(s) of this dataset, relative to the workflow directory."""
         if self.kind == "pbmc68k":
-            return PBMC68K_PATH
+            return [PBMC68K_PATH]
         if self.kind == "synthetic":
-            return f"{SYNTHETIC_DIR}/{self.name}.h5ad"
+            return [f"{SYNTHETIC_DIR}/{self.name}.h5ad"]
+        if self.paths:
+            return list(self.paths)
         if not self.path:
             raise InputError(f"datasets.{self.name}.path: required for kind h5ad")
-        return self.path
+        return [self.path]
+
+    @property
+    def file(self) -> str:
+        """The .h5ad path of a one-file dataset (see :attr:`files`)."""
+        files = self.files
+        if len(files) != 1:
+            raise InputError(f"datasets.{self.name} has {len(files)} files (paths); use .files")
+        return files[0]
 
 
 def read_h5_elem(elem: Any) -> Any:
@@ -138,12 +171,19 @@ def _label_column(obs: pd.DataFrame, spec: DatasetSpec, path: Path) -> pd.Series
     if not spec.label_key:
         return None
     if spec.label_key not in obs.columns:
-        shown = ", ".join(map(str, list(obs.columns)[:10])) or "none"
-        raise InputError(
-            f"{path}: obs column {spec.label_key!r} (datasets.{spec.name}.label_key) not found; "
-            f"obs columns: {shown}"
-        )
-    labels = obs[spec.label_key]
+        _no_label_column(spec, path, list(obs.columns))
+    return _checked_labels(obs[spec.label_key], spec, path)
+
+
+def _no_label_column(spec: DatasetSpec, path: Path, columns: list[str]) -> None:
+    shown = ", ".join(map(str, columns[:10])) or "none"
+    raise InputError(
+        f"{path}: obs column {spec.label_key!r} (datasets.{spec.name}.label_key) not found; "
+        f"obs columns: {shown}"
+    )
+
+
+def _checked_labels(labels: pd.Series, spec: DatasetSpec, path: Path) -> pd.Series:
     missing = int(labels.isna().sum())
     if missing:
         raise InputError(
@@ -152,19 +192,75 @@ def _label_column(obs: pd.DataFrame, spec: DatasetSpec, path: Path) -> pd.Series
     return labels.astype(str)
 
 
-def read_cells(path: str | os.PathLike, spec: DatasetSpec) -> pd.DataFrame:
-    """The dataset's cells without reading the expression: columns cell_id[, label]."""
-    path = Path(path)
-    with _open_h5ad(path) as f:
-        try:
-            obs = read_h5_elem(f["obs"])
-        except Exception as exc:
-            raise InputError(f"{path}: cannot read obs ({_first_line(exc)})") from None
-    _check_unique(obs.index, path, "cell")
-    cells = pd.DataFrame({"cell_id": obs.index.astype(str)})
-    labels = _label_column(obs, spec, path)
-    if labels is not None:
-        cells["label"] = labels.to_numpy()
+def _frame_index(f: h5py.File, key: str, path: Path) -> tuple[pd.Index, list[str]]:
+    """Index (as str) and column names of the dataframe element ``key`` (obs, var, raw/var),
+    reading no column."""
+    group = f[key]
+    try:
+        if isinstance(group, h5py.Group) and "_index" in group.attrs:
+            index = pd.Index(np.asarray(read_h5_elem(group[group.attrs["_index"]])).astype(str))
+            columns = [str(c) for c in np.atleast_1d(group.attrs.get("column-order", []))]
+            return index, columns
+        frame = read_h5_elem(group)  # an older on-disk layout: read it whole
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read {key} ({_first_line(exc)})") from None
+    return pd.Index(frame.index.astype(str)), [str(c) for c in frame.columns]
+
+
+def _read_labels(f: h5py.File, spec: DatasetSpec, path: Path) -> pd.Series | None:
+    """The label column of ``obs`` (``spec.label_key``) as str, reading only that column."""
+    if not spec.label_key:
+        return None
+    _, columns = _frame_index(f, "obs", path)
+    if spec.label_key not in columns:
+        _no_label_column(spec, path, columns)
+    group = f["obs"]
+    try:
+        if isinstance(group, h5py.Group) and spec.label_key in group:
+            values = read_h5_elem(group[spec.label_key])
+        else:
+            values = read_h5_elem(group)[spec.label_key]
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read obs ({_first_line(exc)})") from None
+    return _checked_labels(pd.Series(values), spec, path)
+
+
+def _as_paths(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    if isinstance(path, str | os.PathLike):
+        return [Path(path)]
+    paths = [Path(p) for p in path]
+    if not paths:
+        raise InputError("no dataset files given")
+    return paths
+
+
+def read_cells(
+    path: str | os.PathLike | Sequence[str | os.PathLike], spec: DatasetSpec
+) -> pd.DataFrame:
+    """The dataset's cells without reading the expression: columns cell_id[, label]
+    [, source_file] ([N] rows; reads only the obs index and the label column).
+
+    ``path``: one .h5ad file or several (a multi-file dataset: cells in file order,
+    ``source_file`` names each cell's file, cell ids must be unique across the files).
+    """
+    paths = _as_paths(path)
+    parts = []
+    for p in paths:
+        with _open_h5ad(p) as f:
+            index, _ = _frame_index(f, "obs", p)
+            _check_unique(index, p, "cell")
+            cells = pd.DataFrame({"cell_id": index})
+            labels = _read_labels(f, spec, p)
+        if labels is not None:
+            if len(labels) != len(cells):
+                raise InputError(f"{p}: obs column {spec.label_key!r} has the wrong length")
+            cells["label"] = labels.to_numpy()
+        if len(paths) > 1:
+            cells["source_file"] = str(p)
+        parts.append(cells)
+    cells = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    if len(paths) > 1:
+        _check_unique_across(pd.Index(cells["cell_id"]), cells["source_file"], spec)
     return cells
 
 
@@ -174,6 +270,20 @@ def _check_unique(index: pd.Index, path: Path, what: str) -> None:
         raise InputError(
             f"{path}: {len(dup)} duplicate {what} ids (e.g. {dup[0]!r}); {what} ids must be unique"
         )
+
+
+def _check_unique_across(ids: pd.Index, files: pd.Series, spec: DatasetSpec) -> None:
+    """Cell ids of a multi-file dataset (each file already checked alone) must be unique."""
+    if ids.is_unique:
+        return
+    dup = ids.duplicated(keep=False)
+    first = ids[dup][0]
+    where = files[np.asarray(ids == first)].unique()
+    raise InputError(
+        f"datasets.{spec.name}.paths: {int(ids.duplicated().sum())} cell ids occur in more than "
+        f"one file (e.g. {first!r} in {where[0]} and {where[1]}); cell ids must be unique "
+        "across the files"
+    )
 
 
 def load_expression(path: str | os.PathLike, spec: DatasetSpec) -> ad.AnnData:
@@ -188,12 +298,7 @@ def load_expression(path: str | os.PathLike, spec: DatasetSpec) -> ad.AnnData:
     """
     path = Path(path)
     where = f"datasets.{spec.name}"
-    if spec.expression == "X":
-        x_key, var_key = "X", "var"
-    elif spec.expression == "raw":
-        x_key, var_key = "raw/X", "raw/var"
-    else:
-        x_key, var_key = f"layers/{spec.expression[6:]}", "var"
+    x_key, var_key = _expression_keys(spec)
     with _open_h5ad(path) as f:
         if x_key not in f:
             raise InputError(f"{path}: has no {x_key} ({where}.expression: {spec.expression})")
@@ -208,6 +313,9 @@ def load_expression(path: str | os.PathLike, spec: DatasetSpec) -> ad.AnnData:
     ):
         raise InputError(f"{path}: {x_key} is not a matrix ({type(matrix).__name__})")
     matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    if matrix.indices.dtype != matrix.indptr.dtype:  # e.g. int32 indices, int64 indptr on disk
+        matrix.indices = matrix.indices.astype(np.int64)
+        matrix.indptr = matrix.indptr.astype(np.int64)
     if matrix.shape != (len(obs), len(var)):
         raise InputError(
             f"{path}: {x_key} has shape {matrix.shape}, obs/var say {(len(obs), len(var))}"
@@ -239,6 +347,393 @@ def load_expression(path: str | os.PathLike, spec: DatasetSpec) -> ad.AnnData:
         obs_out["label"] = pd.Categorical(labels.to_numpy())
     var_out = pd.DataFrame(index=pd.Index(var.index.astype(str), name="gene_id"))
     return ad.AnnData(X=matrix, obs=obs_out, var=var_out)
+
+
+# Non-zeros per row chunk read by ExpressionFiles: the chunk and its temporaries downstream
+# (normalised copies, gene subsets) stay at a few hundred MiB whatever the number of cells.
+CHUNK_NONZEROS = 1 << 23
+
+_CSC_RECORD = np.dtype([("row", "<i4"), ("col", "<i4"), ("value", "<f4")])
+
+
+def _expression_keys(spec: DatasetSpec) -> tuple[str, str]:
+    """(matrix key, gene table key) of ``spec.expression`` inside an .h5ad file."""
+    if spec.expression == "X":
+        return "X", "var"
+    if spec.expression == "raw":
+        return "raw/X", "raw/var"
+    return f"layers/{spec.expression[6:]}", "var"
+
+
+def _row_bounds(indptr: np.ndarray, max_nonzeros: int, max_rows: int | None = None) -> list:
+    """Consecutive [start, stop) ranges of rows (or columns) with at most ``max_nonzeros``
+    non-zeros each (a single larger row makes a range of its own). indptr: [n + 1]."""
+    n = len(indptr) - 1
+    bounds, start = [], 0
+    while start < n:
+        stop = int(np.searchsorted(indptr, indptr[start] + max_nonzeros, side="right")) - 1
+        stop = min(n, max(stop, start + 1))
+        if max_rows is not None:
+            stop = min(stop, start + max_rows)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+class _CsrRows:
+    """Row blocks of a CSR matrix group (``data``, ``indices``, ``indptr``)."""
+
+    def __init__(self, group: h5py.Group, shape: tuple[int, int]) -> None:
+        self.group, self.shape = group, shape
+        self.indptr = group["indptr"][:].astype(np.int64)  # [N + 1]
+
+    def bounds(self, max_nonzeros: int) -> list[tuple[int, int]]:
+        return _row_bounds(self.indptr, max_nonzeros)
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+        return sp.csr_matrix(
+            (
+                self.group["data"][lo:hi],
+                self.group["indices"][lo:hi],
+                self.indptr[start : stop + 1] - lo,
+            ),
+            shape=(stop - start, self.shape[1]),
+        )
+
+
+class _DenseRows:
+    """Row blocks of a dense [N, G] dataset."""
+
+    def __init__(self, dataset: h5py.Dataset) -> None:
+        self.dataset, self.shape = dataset, tuple(int(v) for v in dataset.shape)
+
+    def bounds(self, max_nonzeros: int) -> list[tuple[int, int]]:
+        step = max(1, max_nonzeros // max(1, self.shape[1]))
+        return [(s, min(self.shape[0], s + step)) for s in range(0, self.shape[0], step)]
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        return sp.csr_matrix(self.dataset[start:stop], dtype=np.float32)
+
+
+class _CscRows:
+    """Row blocks of a CSC matrix group, which stores columns (genes) contiguously.
+
+    Reading a row block straight from CSC would scan the whole matrix per block, so the
+    first :meth:`bounds` transposes it once, in column blocks of bounded size: one pass
+    counts the non-zeros per row ([N]) to cut row blocks of at most ``max_nonzeros``, a
+    second appends each column block's entries (row, column, float32 value) to the file
+    of their row block in a scratch directory. :meth:`read` loads one such file and sorts
+    it into CSR. Disk: 12 bytes per non-zero, removed by :meth:`close`.
+    """
+
+    def __init__(self, group: h5py.Group, shape: tuple[int, int], scratch: str | None) -> None:
+        self.group, self.shape, self.scratch = group, shape, scratch
+        self.dir: Path | None = None
+        self._bounds: list[tuple[int, int]] = []
+
+    def bounds(self, max_nonzeros: int) -> list[tuple[int, int]]:
+        if self.dir is None:
+            self._transpose(max_nonzeros)
+        return self._bounds
+
+    def _transpose(self, max_nonzeros: int) -> None:
+        n_rows, _ = self.shape
+        indptr = self.group["indptr"][:].astype(np.int64)  # [G + 1]
+        indices, data = self.group["indices"], self.group["data"]
+        col_blocks = _row_bounds(indptr, max_nonzeros)
+        per_row = np.zeros(n_rows, dtype=np.int64)
+        for c0, c1 in col_blocks:
+            per_row += np.bincount(indices[indptr[c0] : indptr[c1]], minlength=n_rows)
+        self._bounds = _row_bounds(np.concatenate([[0], np.cumsum(per_row)]), max_nonzeros)
+        starts = np.array([b[0] for b in self._bounds], dtype=np.int64)
+        self.dir = Path(tempfile.mkdtemp(prefix=".evoformer-csc-", dir=self.scratch))
+        for c0, c1 in col_blocks:
+            lo, hi = int(indptr[c0]), int(indptr[c1])
+            rows = indices[lo:hi].astype(np.int64)
+            cols = np.repeat(np.arange(c0, c1, dtype=np.int32), np.diff(indptr[c0 : c1 + 1]))
+            block = np.searchsorted(starts, rows, side="right") - 1
+            order = np.argsort(block, kind="stable")
+            block = block[order]
+            rec = np.empty(hi - lo, dtype=_CSC_RECORD)
+            rec["row"] = rows[order] - starts[block]
+            rec["col"] = cols[order]
+            rec["value"] = data[lo:hi][order]
+            cuts = np.searchsorted(block, np.arange(len(starts) + 1))
+            for k in np.flatnonzero(np.diff(cuts)):
+                with open(self.dir / f"{k}.bin", "ab") as fh:
+                    rec[cuts[k] : cuts[k + 1]].tofile(fh)
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        assert self.dir is not None
+        k = [b[0] for b in self._bounds].index(start)
+        file = self.dir / f"{k}.bin"
+        rec = np.fromfile(file, dtype=_CSC_RECORD) if file.exists() else np.empty(0, _CSC_RECORD)
+        rec = rec[np.lexsort((rec["col"], rec["row"]))]
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rec["row"], minlength=stop - start))])
+        return sp.csr_matrix(
+            (rec["value"], rec["col"], indptr), shape=(stop - start, self.shape[1])
+        )
+
+    def close(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
+def _matrix_rows(
+    f: h5py.File, key: str, path: Path, scratch: str | None
+) -> _CsrRows | _CscRows | _DenseRows:
+    elem = f[key]
+    try:
+        if isinstance(elem, h5py.Dataset):
+            if elem.ndim != 2 or not (
+                np.issubdtype(elem.dtype, np.number) or np.issubdtype(elem.dtype, np.bool_)
+            ):
+                raise InputError(
+                    f"{path}: {key} is not a numeric matrix ({elem.dtype}, {elem.ndim}-d)"
+                )
+            return _DenseRows(elem)
+        attrs = elem.attrs
+        encoding = attrs.get("encoding-type", attrs.get("h5sparse_format", ""))
+        encoding = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
+        shape = tuple(int(v) for v in attrs.get("shape", attrs.get("h5sparse_shape", ())))
+        if encoding in ("csr_matrix", "csr", "csc_matrix", "csc"):
+            if len(shape) != 2 or not {"data", "indices", "indptr"} <= set(elem):
+                raise InputError(
+                    f"{path}: {key} is a sparse matrix without shape/data/indices/indptr"
+                )
+            if encoding.startswith("csr"):
+                return _CsrRows(elem, shape)
+            return _CscRows(elem, shape, scratch)
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{path}: cannot read {key} ({_first_line(exc)})") from None
+    raise InputError(f"{path}: {key} is not a matrix (encoding {encoding or 'unknown'!r})")
+
+
+@dataclass
+class ExpressionChunk:
+    """A block of consecutive cells of an :class:`ExpressionFiles` dataset."""
+
+    part: int  # which file (index into ExpressionFiles.paths)
+    start: int  # dataset-wide index of the block's first cell
+    x: sp.csr_matrix  # [cells, genes] float32, shared genes, sorted indices, no stored zeros
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.x.shape[0]
+
+
+class ExpressionFiles:
+    """One or several .h5ad files read as one [N, G] expression matrix, in row chunks.
+
+    Opens the files with h5py and reads only their ``obs``/gene indexes up front
+    ([N] cell ids, [G] gene ids); the expression (``spec.expression``: X, raw/X or
+    layers/<name>; CSR, CSC or dense) is read by :meth:`chunks`, at most ``max_nonzeros``
+    non-zeros (or dense elements) at a time. Several files: cells in file order, genes =
+    the genes of all files (matched by name) in the first file's order; genes missing
+    from any file are dropped (logged per file); cell ids must be unique across files.
+    Raises InputError (one line, naming the file) for a missing/corrupt file, a missing
+    expression or label column, a shape mismatch, an empty matrix, duplicate ids,
+    files without shared genes; :meth:`chunks` with ``validate`` for bad values.
+    Use as a context manager (closes the files, removes CSC scratch files).
+    """
+
+    def __init__(
+        self,
+        paths: str | os.PathLike | Sequence[str | os.PathLike],
+        spec: DatasetSpec,
+        max_nonzeros: int = CHUNK_NONZEROS,
+        scratch_dir: str | os.PathLike | None = None,
+    ) -> None:
+        self.paths = _as_paths(paths)
+        self.spec = spec
+        self.max_nonzeros = int(max_nonzeros)
+        self.x_key, self.var_key = _expression_keys(spec)
+        self._files: list[h5py.File] = []
+        self._rows: list[_CsrRows | _CscRows | _DenseRows] = []
+        self._genes: list[pd.Index] = []
+        self._cells: list[pd.Index] = []
+        scratch = None if scratch_dir is None else str(scratch_dir)
+        try:
+            for path in self.paths:
+                self._open_part(path, scratch)
+            self._match_genes()
+        except BaseException:
+            self.close()
+            raise
+        sizes = [len(c) for c in self._cells]
+        self.part_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # [P + 1]
+        self.n_cells = int(self.part_starts[-1])
+        self.n_genes = len(self.gene_ids)
+
+    def _open_part(self, path: Path, scratch: str | None) -> None:
+        where = f"datasets.{self.spec.name}"
+        f = _open_h5ad(path)
+        self._files.append(f)
+        if self.x_key not in f:
+            raise InputError(
+                f"{path}: has no {self.x_key} ({where}.expression: {self.spec.expression})"
+            )
+        if self.var_key not in f:
+            raise InputError(f"{path}: has no {self.var_key} (the genes of {self.x_key})")
+        rows = _matrix_rows(f, self.x_key, path, scratch)
+        genes, _ = _frame_index(f, self.var_key, path)
+        cells, _ = _frame_index(f, "obs", path)
+        if tuple(rows.shape) != (len(cells), len(genes)):
+            raise InputError(
+                f"{path}: {self.x_key} has shape {tuple(rows.shape)}, obs/var say {(len(cells), len(genes))}"
+            )
+        if 0 in rows.shape:
+            raise InputError(
+                f"{path}: {self.x_key} has no cells or no genes (shape {tuple(rows.shape)})"
+            )
+        _check_unique(cells, path, "cell")
+        _check_unique(genes, path, "gene")
+        self._rows.append(rows)
+        self._genes.append(genes)
+        self._cells.append(cells)
+
+    def _match_genes(self) -> None:
+        shared = self._genes[0]
+        for genes in self._genes[1:]:
+            shared = shared[shared.isin(genes)]
+        if len(shared) == 0:
+            sizes = ", ".join(
+                f"{p}: {len(g)} genes" for p, g in zip(self.paths, self._genes, strict=True)
+            )
+            raise InputError(
+                f"datasets.{self.spec.name}.paths: the files share no gene names ({sizes})"
+            )
+        self.gene_ids = pd.Index(shared, name="gene_id")
+        # per file: the position of each shared gene in the file, None when it is 0..G-1
+        self._columns: list[np.ndarray | None] = []
+        for path, genes in zip(self.paths, self._genes, strict=True):
+            if len(genes) == len(shared) and genes.equals(shared):
+                self._columns.append(None)
+                continue
+            self._columns.append(genes.get_indexer(shared))
+            log.info(
+                "dataset %r: %s: %d of its %d genes are not in every file; dropped",
+                self.spec.name,
+                path,
+                len(genes) - len(shared),
+                len(genes),
+            )
+        if len(self.paths) > 1:
+            log.info(
+                "dataset %r: %d files, %d shared genes",
+                self.spec.name,
+                len(self.paths),
+                len(shared),
+            )
+
+    @property
+    def cell_ids(self) -> pd.Index:
+        """[N] cell ids in dataset order."""
+        return pd.Index(np.concatenate([c.to_numpy() for c in self._cells]), name="cell_id")
+
+    def cells(self) -> pd.DataFrame:
+        """[N] cells: index cell_id; ``label`` (categorical, when the dataset has a
+        label_key) and, for several files, ``source_file`` (categorical, the file's path).
+        Raises InputError for a missing label column or duplicate cell ids across files."""
+        obs = pd.DataFrame(index=self.cell_ids)
+        if self.spec.label_key:
+            labels = []
+            for path, f, cells in zip(self.paths, self._files, self._cells, strict=True):
+                part = _read_labels(f, self.spec, path)
+                if len(part) != len(cells):
+                    raise InputError(
+                        f"{path}: obs column {self.spec.label_key!r} has the wrong length"
+                    )
+                labels.append(part.to_numpy())
+            obs["label"] = pd.Categorical(np.concatenate(labels))
+        if len(self.paths) > 1:
+            sources = np.repeat(np.arange(len(self.paths)), np.diff(self.part_starts))
+            obs["source_file"] = pd.Categorical.from_codes(sources, [str(p) for p in self.paths])
+            _check_unique_across(obs.index, obs["source_file"].astype(str), self.spec)
+        return obs
+
+    def chunks(self, validate: bool = False) -> Iterator[ExpressionChunk]:
+        """Row chunks of the whole dataset in order, each [cells, n_genes] float32 CSR.
+
+        validate: check every value of every file (before the gene restriction) and raise
+        InputError naming the file for NaN/infinite or negative values, non-integer values
+        where ``value_type`` is counts, and only integer values where it is log1p (raised
+        at the end of that file, before the next is read).
+        """
+        where = f"datasets.{self.spec.name}"
+        for part, (path, rows) in enumerate(zip(self.paths, self._rows, strict=True)):
+            has_fraction, has_values = False, False
+            for start, stop in rows.bounds(self.max_nonzeros):
+                try:
+                    x = rows.read(start, stop)
+                except (OSError, KeyError, ValueError, TypeError) as exc:
+                    raise InputError(
+                        f"{path}: cannot read {self.x_key} ({_first_line(exc)})"
+                    ) from None
+                if x.dtype != np.float32:
+                    x = x.astype(np.float32)
+                if validate and x.nnz:
+                    data = x.data
+                    if not np.isfinite(data).all():
+                        raise InputError(f"{path}: {self.x_key} contains NaN or infinite values")
+                    if data.min() < 0:
+                        raise InputError(
+                            f"{path}: {self.x_key} has negative values (min {data.min():.4g}); "
+                            "expression must be raw counts or log1p-normalised, not scaled "
+                            f"({where}.expression)"
+                        )
+                    frac = data != np.floor(data)
+                    if self.spec.value_type == "counts" and frac.any():
+                        raise InputError(
+                            f"{path}: {where}.value_type is counts but {self.x_key} holds non-integer "
+                            f"values (e.g. {data[frac][0]:.4g}); set value_type: log1p or point "
+                            "expression at the counts"
+                        )
+                    has_fraction = has_fraction or bool(frac.any())
+                    has_values = has_values or bool((data != 0).any())
+                x = self._shared_genes(x, part)
+                x.eliminate_zeros()
+                x.sort_indices()
+                yield ExpressionChunk(part, int(self.part_starts[part]) + start, x)
+            if validate and self.spec.value_type == "log1p" and has_values and not has_fraction:
+                raise InputError(
+                    f"{path}: {where}.value_type is log1p but {self.x_key} holds only integer "
+                    f"values (raw counts); set {where}.value_type: counts"
+                )
+
+    def _shared_genes(self, x: sp.csr_matrix, part: int) -> sp.csr_matrix:
+        columns = self._columns[part]
+        if columns is None:
+            return x
+        remap = np.full(x.shape[1], -1, dtype=np.int64)
+        remap[columns] = np.arange(len(columns))
+        new = remap[x.indices]
+        keep = new >= 0
+        rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=x.shape[0]))])
+        out = sp.csr_matrix(
+            (x.data[keep], new[keep].astype(np.int32), indptr), shape=(x.shape[0], len(columns))
+        )
+        out.has_sorted_indices = False
+        return out
+
+    def close(self) -> None:
+        for rows in self._rows:
+            if isinstance(rows, _CscRows):
+                rows.close()
+        for f in self._files:
+            f.close()
+        self._files, self._rows = [], []
+
+    def __enter__(self) -> ExpressionFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def materialise_pbmc68k(out: str | os.PathLike) -> None:

@@ -1,37 +1,45 @@
-"""Stage 1: highly variable gene (HVG) selection with scanpy.
+"""Stage 1: highly variable gene (HVG) selection, scanpy's flavors.
 
 Counts are library-size normalised (``normalize_total``, 1e4) and ``log1p``-transformed;
 log1p-normalised input is used as is. ``seurat_v3`` ranks genes on the counts,
 ``seurat`` / ``cell_ranger`` on the log data. The output keeps the log1p-normalised
 values of the selected genes (the values that binning turns into tokens).
+
+:func:`run_hvg` (the ``hvg`` rule) streams the dataset from disk in row chunks
+(:mod:`evoformer.data.hvg_stream`), so an atlas never has to fit in memory; it selects
+the same genes with the same ranks as :func:`select_hvg_in_memory`, which runs scanpy on
+the loaded matrix and is kept as the reference (tests, benchmarks).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
-from evoformer.data.datasets import DatasetSpec, load_expression
+from evoformer.data.datasets import CHUNK_NONZEROS, DatasetSpec, ExpressionFiles
+from evoformer.data.hvg_stream import (
+    FLAVORS,
+    TARGET_SUM,
+    check_hvg_args,
+    score_column,
+    select_hvg_streamed,
+    write_hvg_h5ad,
+)
 from evoformer.errors import InputError
 from evoformer.io import atomic_path
 
+__all__ = ["FLAVORS", "TARGET_SUM", "plot_hvg", "run_hvg", "select_hvg_in_memory"]
+
 log = logging.getLogger(__name__)
 
-FLAVORS = ("seurat", "cell_ranger", "seurat_v3")
-TARGET_SUM = 1e4
 
-
-def _score_column(flavor: str) -> str:
-    return "variances_norm" if flavor == "seurat_v3" else "dispersions_norm"
-
-
-def select_hvg(
+def select_hvg_in_memory(
     adata: ad.AnnData,
     spec: DatasetSpec,
     n_top_genes: int,
@@ -39,9 +47,10 @@ def select_hvg(
     min_cells_per_gene: int = 0,
     min_genes_per_cell: int = 0,
 ) -> tuple[ad.AnnData, pd.DataFrame]:
-    """Select the ``n_top_genes`` most variable genes.
+    """Select the ``n_top_genes`` most variable genes with scanpy, in memory (the reference).
 
-    adata: [cells, genes] from :func:`load_expression` (X float32 CSR, ``spec.value_type``);
+    adata: [cells, genes] from :func:`evoformer.data.datasets.load_expression`
+    (X float32 CSR, ``spec.value_type``);
     it is filtered and normalised in place (no copy of an atlas-sized matrix).
     Returns (hvg, genes): hvg [cells', n_top_genes] with X the log1p-normalised float32
     CSR values of the selected genes in their original order, cells with no expression
@@ -51,19 +60,7 @@ def select_hvg(
     import scanpy as sc
 
     where = f"dataset '{spec.name}'"
-    if flavor not in FLAVORS:
-        raise InputError(f"hvg.flavor={flavor!r}: expected one of {', '.join(FLAVORS)}")
-    if flavor == "seurat_v3" and spec.value_type != "counts":
-        raise InputError(
-            f"hvg.flavor=seurat_v3 ranks raw counts, but {where} has value_type {spec.value_type}; "
-            "use flavor seurat or cell_ranger"
-        )
-    if (
-        isinstance(n_top_genes, bool)
-        or not isinstance(n_top_genes, int | np.integer)
-        or n_top_genes < 1
-    ):
-        raise InputError(f"n_hvg={n_top_genes!r}: expected a positive integer")
+    check_hvg_args(spec, n_top_genes, flavor)
     n_input_cells = adata.n_obs
     if min_cells_per_gene > 0:
         sc.pp.filter_genes(adata, min_cells=min_cells_per_gene)
@@ -106,7 +103,7 @@ def select_hvg(
             f"{where}: only {int(selected.sum())} genes could be ranked by hvg.flavor={flavor}, "
             f"n_hvg={n_top_genes} asked for"
         )
-    score = var[_score_column(flavor)].to_numpy(dtype=float)
+    score = var[score_column(flavor)].to_numpy(dtype=float)
     rank = pd.Series(np.where(selected, score, -np.inf), index=var.index).rank(
         ascending=False, method="first"
     )
@@ -156,7 +153,7 @@ def plot_hvg(genes: pd.DataFrame, flavor: str, title: str, out: str | os.PathLik
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    score_col = _score_column(flavor)
+    score_col = score_column(flavor)
     selected = genes["highly_variable"].to_numpy(dtype=bool)
     fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=120)
     ax.scatter(
@@ -185,7 +182,7 @@ def plot_hvg(genes: pd.DataFrame, flavor: str, title: str, out: str | os.PathLik
 
 
 def run_hvg(
-    dataset_path: str | os.PathLike,
+    dataset_path: str | os.PathLike | Sequence[str | os.PathLike],
     dataset_name: str,
     dataset: Mapping[str, Any],
     n_hvg: int,
@@ -193,26 +190,44 @@ def run_hvg(
     out_h5ad: str | os.PathLike,
     out_genes: str | os.PathLike,
     out_plot: str | os.PathLike,
+    chunk_nonzeros: int = CHUNK_NONZEROS,
 ) -> None:
-    """The ``hvg`` rule: load, select, write the HVG h5ad, the genes table and the plot.
+    """The ``hvg`` rule: select (streamed), write the HVG h5ad, the genes table and the plot.
 
+    dataset_path: the .h5ad file, or several read as one dataset (genes matched by name).
     dataset: ``expression``, ``value_type``, ``label_key`` of the dataset's config entry.
     hvg: the config's ``hvg`` section (flavor, min_cells_per_gene, min_genes_per_cell).
+    chunk_nonzeros: non-zeros read per row chunk (memory: a few hundred bytes each).
+    Every check runs before the first output is written; each output is atomic.
     """
     spec = DatasetSpec.expression_only(dataset_name, dataset)
     flavor = hvg.get("flavor", "seurat")
-    adata = load_expression(dataset_path, spec)
-    selected, genes = select_hvg(
-        adata,
-        spec,
+    check_hvg_args(spec, n_hvg, flavor)
+    paths = [dataset_path] if isinstance(dataset_path, str | os.PathLike) else list(dataset_path)
+    source = ", ".join(str(p) for p in paths)
+    scratch = os.path.dirname(os.path.abspath(out_h5ad))
+    os.makedirs(scratch, exist_ok=True)
+    with ExpressionFiles(paths, spec, max_nonzeros=chunk_nonzeros, scratch_dir=scratch) as files:
+        files.cells()  # label column and cell ids checked before the long passes
+        selection = select_hvg_streamed(
+            files,
+            n_hvg,
+            flavor=flavor,
+            min_cells_per_gene=int(hvg.get("min_cells_per_gene", 0)),
+            min_genes_per_cell=int(hvg.get("min_genes_per_cell", 0)),
+        )
+        n_written, _ = write_hvg_h5ad(files, selection, out_h5ad, source)
+        n_input = files.n_cells
+    genes = selection.genes
+    log.info(
+        "dataset '%s': %d of %d genes selected (%s); %d cells kept of %d",
+        spec.name,
         n_hvg,
-        flavor=flavor,
-        min_cells_per_gene=int(hvg.get("min_cells_per_gene", 0)),
-        min_genes_per_cell=int(hvg.get("min_genes_per_cell", 0)),
+        len(genes),
+        flavor,
+        n_written,
+        n_input,
     )
-    selected.uns["hvg"]["source"] = str(dataset_path)
-    with atomic_path(out_h5ad) as tmp:
-        selected.write_h5ad(tmp)
     with atomic_path(out_genes) as tmp:
         genes.to_csv(tmp, sep="\t")
     plot_hvg(genes, flavor, f"{spec.name}: {n_hvg} HVGs ({flavor}) of {len(genes)} genes", out_plot)

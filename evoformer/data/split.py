@@ -112,7 +112,7 @@ def split_cells(
 
 
 def run_split(
-    dataset_path: str | os.PathLike,
+    dataset_path: str | os.PathLike | Sequence[str | os.PathLike],
     dataset_name: str,
     label_key: str | None,
     split: Mapping[str, Any],
@@ -120,6 +120,8 @@ def run_split(
 ) -> pd.DataFrame:
     """The ``split`` rule: read the dataset's cells, split them, write split.tsv.
 
+    dataset_path: the .h5ad file, or the files of a multi-file dataset (one split over
+    all their cells; cell ids must be unique across the files).
     split: the config's ``split`` section (fractions, stratify, n_folds, seed).
     """
     spec = DatasetSpec(name=dataset_name, label_key=label_key)
