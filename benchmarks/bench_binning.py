@@ -12,7 +12,10 @@ Both consume the same ``RandomState(seed)`` stream; the script checks that every
 every edge is equal, then prints a Markdown table row per density. ``--h5ad`` also times
 ``bin_h5ad`` end to end (read the HVG h5ad in chunks, write the memory-mapped arrays).
 
-    python benchmarks/bench_binning.py --cells 100000 --genes 2000 --mean-counts 500 1500
+The default mean library sizes (500, 1500, 3000 counts over 2,000 genes) give about 10%,
+21% and 31% non-zero values.
+
+    python benchmarks/bench_binning.py --cells 100000 --genes 2000 --mean-counts 500 1500 3000 --h5ad
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=100_000)
     parser.add_argument("--genes", type=int, default=2000)
     parser.add_argument("--n-bins", type=int, default=51)
-    parser.add_argument("--mean-counts", type=float, nargs="+", default=[500.0, 1500.0])
+    parser.add_argument("--mean-counts", type=float, nargs="+", default=[500.0, 1500.0, 3000.0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reps", type=int, default=3, help="best of REPS for ours")
     parser.add_argument("--h5ad", action="store_true", help="also time bin_h5ad end to end")
