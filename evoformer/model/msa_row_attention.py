@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from evoformer.model.primitives import Attention, LayerNorm, Linear, mask_bias
+from evoformer.model.primitives import Attention, LayerNorm, Linear
 
 
 class MSARowAttentionWithPairBias(nn.Module):
@@ -36,5 +36,4 @@ class MSARowAttentionWithPairBias(nn.Module):
         with record_function("msa_row_attention"):
             pair_bias = self.linear_z(self.layer_norm_z(z))  # [*, r, r, H]
             pair_bias = pair_bias.movedim(-1, -3).unsqueeze(-4)  # [*, 1, H, r, r]
-            key_bias = mask_bias(msa_mask, m.dtype)[..., None, None, :]  # [*, S, 1, 1, r]
-            return self.mha(m, pair_bias + key_bias.to(pair_bias.dtype))
+            return self.mha(m, pair_bias, key_mask=msa_mask)  # keys of row s: msa_mask[s]
