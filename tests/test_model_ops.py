@@ -322,6 +322,11 @@ def test_chunked_recompute_with_tail_and_params():
         torch.testing.assert_close(part, full)
         for a, b in zip(torch.autograd.grad(part, leaves, g), g_full, strict=True):
             torch.testing.assert_close(a, b)
+        with torch.no_grad():  # inference: slices written into one output
+            torch.testing.assert_close(
+                chunked(fn, [x, scale], [1, None], chunk, out_dim=1, params=params, tail=tail),
+                full,
+            )
     part = chunked(fn, [x, scale], [1, None], 3, out_dim=1, params=params[:1], tail=tail)
     with pytest.raises(RuntimeError, match="not in args or params"):
         part.backward(g)

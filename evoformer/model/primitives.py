@@ -408,14 +408,14 @@ class _ChunkedRecompute(torch.autograd.Function):
                     _check_leaves(outs, tensors)
                 got = torch.autograd.grad(outs, tensors, douts, allow_unused=True)
                 for i, g in zip(targets, got, strict=True):
-                    if g is None:
-                        continue
                     d = plan.dims[i] if i < plan.n_args else None
                     if d is not None and args[i].shape[d] != 1:
+                        # the slices cover the dim once each: write, do not accumulate
                         if grads[i] is None:
-                            grads[i] = torch.zeros_like(args[i])
-                        grads[i].narrow(d, start, length).add_(g)
-                    else:
+                            grads[i] = torch.empty_like(args[i])
+                        part = grads[i].narrow(d, start, length)
+                        part.zero_() if g is None else part.copy_(g)
+                    elif g is not None:
                         _accumulate(grads, i, g, needs)
                 del h, dh, outs, douts, got
         return (None, *grads)

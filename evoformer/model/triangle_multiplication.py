@@ -55,7 +55,8 @@ class TriangleMultiplication(nn.Module):
         wap, bap, wag, bag, wbp, bbp, wbg, bbg = (t.to(z.dtype) for t in w)
         a = torch.sigmoid(F.linear(z, wag, bag)) * F.linear(z, wap, bap) * mask
         b = torch.sigmoid(F.linear(z, wbg, bbg)) * F.linear(z, wbp, bbp) * mask
-        return a.movedim(-1, -3), b.movedim(-1, -3)
+        # one copy each into the layout of the batched matmul (it would copy them otherwise)
+        return a.movedim(-1, -3).contiguous(), b.movedim(-1, -3).contiguous()
 
     def forward(
         self, z: torch.Tensor, pair_mask: torch.Tensor, chunk_size: int | None = None
@@ -109,7 +110,7 @@ class _TriangleProduct:
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
         """Gradients of ``a, b`` given ``dy [*, r, r, c']``."""
         a, b = ab
-        dx = dy.movedim(-1, -3).to(a.dtype)  # [*, c', r, r]
+        dx = dy.movedim(-1, -3).to(a.dtype).contiguous()  # [*, c', r, r]
         if self.outgoing:  # x = a b^T
             return (dx @ b, dx.transpose(-1, -2) @ a), []
         return (b @ dx.transpose(-1, -2), a @ dx), []  # x = a^T b
