@@ -45,14 +45,27 @@ def ref_linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
     return y + lin.bias if lin.bias is not None else y
 
 
-def ref_gated_attention(x: torch.Tensor, bias: torch.Tensor, mha: nn.Module) -> torch.Tensor:
-    """Gated MHA over dim -2 with explicit logits. x ``[*, N, c]``; bias ``[*, H, N, N]``."""
+def ref_gated_attention(
+    x: torch.Tensor, bias: torch.Tensor | None, mha: nn.Module, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Gated MHA over dim -2 with explicit logits and softmax.
+
+    x ``[*, N, c]``; bias ``[*, H, N, N]`` or None; key_mask ``[*, N]`` (1 = real key): masked
+    keys get ``-1e9``, and a sequence without any real key gets zero attention weights (its
+    attention output is 0, as documented for ``evoformer.model.primitives.attention``).
+    """
     h, d = mha.n_heads, mha.c_hidden
     q = ref_linear(x, mha.linear_q).unflatten(-1, (h, d))  # [*, N, H, d]
     k = ref_linear(x, mha.linear_k).unflatten(-1, (h, d))
     v = ref_linear(x, mha.linear_v).unflatten(-1, (h, d))
-    logits = torch.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(d) + bias
+    logits = torch.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(d)
+    if bias is not None:
+        logits = logits + bias
+    if key_mask is not None:
+        logits = logits + (key_mask[..., None, None, :] - 1) * INF
     weights = torch.softmax(logits, dim=-1)
+    if key_mask is not None:
+        weights = weights * (key_mask.sum(-1) > 0).to(weights.dtype)[..., None, None, None]
     o = torch.einsum("...hqk,...khd->...qhd", weights, v)
     g = torch.sigmoid(ref_linear(x, mha.linear_g)).unflatten(-1, (h, d))
     return ref_linear((g * o).flatten(-2), mha.linear_o)
@@ -64,8 +77,7 @@ def ref_msa_row_attention(
     """Alg. 7. m ``[B, S, r, c_m]``, z ``[B, r, r, c_z]``, msa_mask ``[B, S, r]``."""
     pair_bias = ref_linear(ref_layer_norm(z, op.layer_norm_z), op.linear_z)  # [B, r, r, H]
     pair_bias = pair_bias.permute(0, 3, 1, 2)[:, None]  # [B, 1, H, r, r]
-    key_bias = (msa_mask[:, :, None, None, :] - 1) * INF  # [B, S, 1, 1, r]
-    return ref_gated_attention(m, pair_bias + key_bias, op.mha)
+    return ref_gated_attention(m, pair_bias, op.mha, key_mask=msa_mask)
 
 
 def ref_msa_column_attention(
@@ -73,8 +85,7 @@ def ref_msa_column_attention(
 ) -> torch.Tensor:
     """Alg. 8: attention over S for every column."""
     m_t = m.transpose(1, 2)  # [B, r, S, c]
-    key_bias = (msa_mask.transpose(1, 2)[:, :, None, None, :] - 1) * INF  # [B, r, 1, 1, S]
-    return ref_gated_attention(m_t, key_bias, op.mha).transpose(1, 2)
+    return ref_gated_attention(m_t, None, op.mha, key_mask=msa_mask.transpose(1, 2)).transpose(1, 2)
 
 
 def ref_transition(x: torch.Tensor, op: nn.Module) -> torch.Tensor:
@@ -114,8 +125,7 @@ def ref_triangle_attention(z: torch.Tensor, pair_mask: torch.Tensor, op: nn.Modu
         z = z.transpose(1, 2)
         pair_mask = pair_mask.transpose(1, 2)
     tri_bias = ref_linear(z, op.linear_bias).permute(0, 3, 1, 2)[:, None]  # [B, 1, H, J, K]
-    key_bias = (pair_mask[:, :, None, None, :] - 1) * INF  # [B, I, 1, 1, K]
-    out = ref_gated_attention(z, tri_bias + key_bias, op.mha)
+    out = ref_gated_attention(z, tri_bias, op.mha, key_mask=pair_mask)
     return out.transpose(1, 2) if not op.starting else out
 
 

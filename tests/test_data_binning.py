@@ -93,6 +93,94 @@ def test_equal_on_heavy_ties_and_both_dtypes(dtype):
     assert len(set(ref_bins[3])) > 5  # the constant cell is spread over its tie range
 
 
+def _both_paths(monkeypatch, path: str) -> None:
+    """Send every row to one path: "distinct" (hash of distinct values) or "sort"."""
+    if path == "distinct":
+        monkeypatch.setattr(binning, "_DISTINCT_FRACTION", 1.0)
+    elif path == "sort":
+        monkeypatch.setattr(binning, "_DISTINCT_FRACTION", 0.0)
+        monkeypatch.setattr(binning, "_MIN_DISTINCT_CAP", 0)
+
+
+@pytest.mark.parametrize("density_counts", [450, 600])  # 25.6% and 29.5% non-zero
+@pytest.mark.parametrize("path", ["default", "distinct", "sort"])
+@pytest.mark.parametrize("n_bins", [3, 51, 300])
+def test_dense_cells_equal_reference_on_both_paths(monkeypatch, density_counts, path, n_bins):
+    x = make_synthetic(n_cells=240, n_genes=400, n_types=3, mean_counts=density_counts, seed=8).X
+    x = _log_normalised(sp.csr_matrix(x))
+    assert 0.24 < x.nnz / (x.shape[0] * x.shape[1]) < 0.30
+    _both_paths(monkeypatch, path)
+    monkeypatch.setattr(binning, "_ROWS_PER_TASK", 50)  # several parts, drawn in turn
+    ref_bins, ref_edges = reference_binning(x, n_bins, 11)
+    rng = np.random.RandomState(11)
+    a, ea = bin_csr_rows(x[:100], n_bins, "random", rng, n_threads=2)
+    b, eb = bin_csr_rows(x[100:], n_bins, "random", rng)
+    assert np.array_equal(_scatter(x, np.concatenate([a, b])), ref_bins)
+    assert np.array_equal(np.vstack([ea, eb]), ref_edges)
+    assert np.array_equal(
+        rng.random_sample(5), np.random.RandomState(11).random_sample(x.nnz + 5)[-5:]
+    )
+    det, det_edges = bin_csr_rows(x, n_bins, "deterministic", n_threads=2)
+    _both_paths(monkeypatch, "sort")
+    det_sorted, _ = bin_csr_rows(x, n_bins, "deterministic")
+    assert np.array_equal(det, det_sorted) and np.array_equal(det_edges, ref_edges)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_distinct_and_continuous_rows_mixed(dtype):
+    """Rows with few distinct values (hash path) next to all-distinct rows (sort path)."""
+    rng = np.random.default_rng(5)
+    dense = rng.poisson(1.5, (120, 300)).astype(dtype)
+    dense[::3] = rng.random((40, 300)) * (rng.random((40, 300)) < 0.6)  # continuous rows
+    dense[5, :] = 0
+    dense[6, :7] = 3.0  # one distinct value
+    x = sp.csr_matrix(dense)
+    ref_bins, ref_edges = reference_binning(x, 21, 2)
+    for n_threads in (1, 2):
+        bins, edges = bin_csr_rows(x, 21, "random", np.random.RandomState(2), n_threads=n_threads)
+        assert np.array_equal(_scatter(x, bins), ref_bins)
+        assert np.array_equal(edges, ref_edges)
+
+
+def test_explicit_zeros_are_not_values():
+    """Stored zeros get bin 0 and draw no uniform, as scGPT's row.nonzero() skips them."""
+    rng = np.random.default_rng(1)
+    dense = rng.poisson(2.0, (30, 40)).astype(np.float32)
+    x = sp.csr_matrix(dense)
+    stored = sp.csr_matrix((np.ones(x.nnz, dtype=np.float32), x.indices, x.indptr), shape=x.shape)
+    stored.data[1::4] = rng.random(len(stored.data[1::4])).astype(np.float32) * 5
+    stored.data[::4] = 0.0  # explicit zeros, and a row of them only
+    stored.data[stored.indptr[3] : stored.indptr[4]] = 0.0
+    ref_bins, ref_edges = reference_binning(stored, 11, 9)
+    bins, edges = bin_csr_rows(stored, 11, "random", np.random.RandomState(9))
+    assert np.array_equal(_scatter(stored, bins), ref_bins)
+    assert np.array_equal(edges, ref_edges)
+    assert not bins[stored.data == 0].any() and not edges[3].any()
+
+
+@pytest.mark.parametrize("offset", [0, 1, 311, 623, 624, 625])
+def test_fill_uniforms_is_random_sample(offset):
+    lengths = [0, 1, 5, 312, 1000, 623, 3]
+    ours, theirs = np.random.RandomState(4), np.random.RandomState(4)
+    ours.random_sample(offset)
+    theirs.random_sample(offset)
+    ours.standard_normal()  # a cached gaussian must survive the state round trip
+    theirs.standard_normal()
+    outs = [np.empty(n) for n in lengths]
+    binning.fill_uniforms(ours, outs)
+    assert np.array_equal(np.concatenate(outs), theirs.random_sample(sum(lengths)))
+    assert np.array_equal(ours.standard_normal(3), theirs.standard_normal(3))
+    assert np.array_equal(binning.random_sample(ours, 7), theirs.random_sample(7))
+
+
+def test_fill_uniforms_other_bit_generator():
+    ours = np.random.RandomState(np.random.PCG64(3))
+    theirs = np.random.RandomState(np.random.PCG64(3))
+    outs = [np.empty(4), np.empty(9)]
+    binning.fill_uniforms(ours, outs)
+    assert np.array_equal(np.concatenate(outs), theirs.random_sample(13))
+
+
 def test_deterministic_mode_stays_in_the_tie_range(expression):
     bins, edges = bin_csr_rows(expression, 11, "deterministic")
     again, _ = bin_csr_rows(expression, 11, "deterministic")

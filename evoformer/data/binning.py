@@ -18,12 +18,24 @@ count-derived data has in plenty). Tie modes:
     No random numbers: a tied value takes the middle of its range (rounded up).
 
 How, without a per-cell Python loop: the matrix is read in row chunks (bounded
-memory). Within a chunk, cells are grouped by their number of non-zeros; each group's
-non-zeros are padded into one [cells, width] block and sorted row-wise by numpy (a
-vectorised SIMD sort), and a compiled numba kernel replays numpy's quantile
-interpolation and the digitisation element by element (a few nanoseconds per value).
-With ``n_threads`` > 1 the groups run in parallel and the uniforms are drawn while the
-groups sort; the result does not depend on the number of threads or the chunking.
+memory). The uniforms come from a compiled MT19937 that replays numpy's generator bit for
+bit (:func:`fill_uniforms`, ~4x ``RandomState.random_sample``). Each row is binned by
+compiled numba kernels on one of two paths with the same result:
+
+* distinct values (count-derived data: a cell's non-zeros take few distinct values, each
+  a log1p of a scaled count): one pass hashes every value to its distinct id and counts;
+  only the d distinct values are sorted; the quantile's order statistics are read off the
+  running counts; each distinct value's digitisation is merged against the edges once,
+  and a second pass writes every value's bin from its id and its own uniform;
+* sorting (rows with more than ~20% distinct values, e.g. continuous data): rows are
+  grouped by their number of non-zeros, each group padded into one [cells, width] block
+  and sorted row-wise by numpy (a vectorised SIMD sort); a kernel replays numpy's
+  quantile interpolation and digitises each value by a branch-free binary search.
+
+Explicitly stored zeros are not non-zeros (bin 0, no draw), as in scGPT. With
+``n_threads`` > 1, rows are binned in parallel while one thread draws the uniforms part
+by part ahead of them; the result does not depend on the number of threads or the
+chunking.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -82,6 +95,303 @@ def _check_tie_mode(tie_mode: str) -> None:
         raise InputError(f"binning.tie_mode={tie_mode!r}: expected one of {', '.join(TIE_MODES)}")
 
 
+# MT19937 as numpy's RandomState runs it (N = 624 words of state, M = 397).
+_MT_N = 624
+_MT_M = 397
+
+
+@numba.njit(cache=True, nogil=True)
+def _mt_twist(key):  # pragma: no cover - compiled
+    """Regenerate the 624-word MT19937 state in place (numpy's ``mt19937_gen``).
+
+    Written as three loops without a wrap-around index so that the compiler vectorises
+    them: words i < N-M read the old word i+M, the next N-M-1 read the new word i+M-N.
+    """
+    upper = np.uint32(0x80000000)
+    lower = np.uint32(0x7FFFFFFF)
+    matrix_a = np.uint32(0x9908B0DF)
+    one = np.uint32(1)
+    zero = np.uint32(0)
+    for i in range(_MT_N - _MT_M):
+        y = (key[i] & upper) | (key[i + 1] & lower)
+        key[i] = key[i + _MT_M] ^ (y >> one) ^ ((zero - (y & one)) & matrix_a)
+    for i in range(_MT_N - _MT_M, _MT_N - 1):
+        y = (key[i] & upper) | (key[i + 1] & lower)
+        key[i] = key[i + _MT_M - _MT_N] ^ (y >> one) ^ ((zero - (y & one)) & matrix_a)
+    y = (key[_MT_N - 1] & upper) | (key[0] & lower)
+    key[_MT_N - 1] = key[_MT_M - 1] ^ (y >> one) ^ ((zero - (y & one)) & matrix_a)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _mt_temper(y):  # pragma: no cover - compiled
+    y ^= y >> np.uint32(11)
+    y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
+    y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
+    y ^= y >> np.uint32(18)
+    return y
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _mt_double(a, b):  # pragma: no cover - compiled
+    """numpy's 53-bit double from two tempered words (``mt19937_next_double``)."""
+    return ((a >> np.uint32(5)) * 67108864.0 + (b >> np.uint32(6))) / 9007199254740992.0
+
+
+@numba.njit(cache=True, nogil=True)
+def _mt_uniforms(key, pos, out):  # pragma: no cover - compiled
+    """Fill out[n] with ``RandomState.random_sample`` draws from state (key[624], pos).
+
+    Advances key in place and returns the new pos: the draws and the final state equal
+    numpy's bit for bit. Whole 624-word blocks are twisted, tempered and converted in
+    vectorisable loops (~4x numpy's one-word-at-a-time generator).
+    """
+    n = out.shape[0]
+    tempered = np.empty(_MT_N, np.uint32)
+    i = 0
+    # one word at a time until the state is exhausted (pos == N: a block boundary)
+    while i < n and pos != _MT_N:
+        a = _mt_temper(key[pos])
+        pos += 1
+        if pos == _MT_N:
+            _mt_twist(key)
+            pos = 0
+        b = _mt_temper(key[pos])
+        pos += 1
+        out[i] = _mt_double(a, b)
+        i += 1
+    # whole blocks: 624 words give 312 doubles
+    while n - i >= _MT_N // 2:
+        _mt_twist(key)
+        for k in range(_MT_N):
+            tempered[k] = _mt_temper(key[k])
+        for k in range(_MT_N // 2):
+            out[i + k] = _mt_double(tempered[2 * k], tempered[2 * k + 1])
+        i += _MT_N // 2
+    # the tail (pos == N here whenever the loop above ran)
+    while i < n:
+        if pos == _MT_N:
+            _mt_twist(key)
+            pos = 0
+        a = _mt_temper(key[pos])
+        pos += 1
+        if pos == _MT_N:
+            _mt_twist(key)
+            pos = 0
+        b = _mt_temper(key[pos])
+        pos += 1
+        out[i] = _mt_double(a, b)
+        i += 1
+    return pos
+
+
+def fill_uniforms(
+    rng: np.random.RandomState,
+    outs: list[np.ndarray],
+    ready: list[threading.Event] | None = None,
+) -> None:
+    """Fill the float64 arrays ``outs`` in turn with ``rng.random_sample`` draws, bit for bit.
+
+    One stream: the arrays together receive what ``rng.random_sample(sum of lengths)``
+    returns, and ``rng`` ends in the state that call leaves. For the MT19937 generator of
+    a legacy RandomState the draws run in the compiled :func:`_mt_uniforms` (~4x
+    numpy's speed) on a copy of the state, written back at the end; any other bit
+    generator falls back to ``rng.random_sample``. ready: an event per array, set once
+    that array is filled (all are set, even on an error, so no waiter hangs).
+    """
+    try:
+        state = rng.get_state(legacy=False)
+        if state.get("bit_generator") != "MT19937":
+            for k, out in enumerate(outs):
+                out[:] = rng.random_sample(len(out))
+                if ready:
+                    ready[k].set()
+            return
+        key = np.array(state["state"]["key"], dtype=np.uint32)
+        pos = int(state["state"]["pos"])
+        for k, out in enumerate(outs):
+            pos = _mt_uniforms(key, pos, out)
+            if ready:
+                ready[k].set()
+        state["state"] = {"key": key, "pos": int(pos)}
+        rng.set_state(state)
+    finally:
+        for event in ready or ():
+            event.set()
+
+
+def random_sample(rng: np.random.RandomState, n: int) -> np.ndarray:
+    """``rng.random_sample(n)`` bit for bit (same draws, same final state), but faster.
+
+    Returns [n] float64 in [0, 1); see :func:`fill_uniforms`.
+    """
+    out = np.empty(n, dtype=np.float64)
+    fill_uniforms(rng, [out])
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _pad_rows(indptr, data, cells, out):  # pragma: no cover - compiled
+    """out[j, :n] = non-zeros of row cells[j] (gene order); out[j, n:] = +inf."""
+    for j in range(cells.shape[0]):
+        lo = indptr[cells[j]]
+        n = indptr[cells[j] + 1] - lo
+        for i in range(n):
+            out[j, i] = data[lo + i]
+        for i in range(n, out.shape[1]):
+            out[j, i] = np.inf
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _replay_quantile(n, qk, a, b):  # pragma: no cover - compiled
+    """numpy's "linear" quantile at qk of n sorted values, given the order statistics
+    a = s[floor(v)] and b = s[floor(v) + 1] at v = (n-1)*qk (unused when v >= n-1).
+
+    The difference is taken in the data dtype, the rest in float64, and the lerp is
+    numpy's two-sided one, so the result equals np.quantile's bit for bit.
+    """
+    v = (n - 1) * qk
+    gamma = v - np.floor(v)
+    diff = b - a
+    if gamma >= 0.5:
+        return b - diff * (1 - gamma)
+    return a + diff * gamma
+
+
+@numba.njit(cache=True, nogil=True)
+def _bin_rows_distinct(
+    indptr, data, keys, rows, q, u, deterministic, cap_frac, min_cap, bins, edges, fallback
+):  # pragma: no cover - compiled
+    """Edges and bins of ``rows`` from their distinct values, without sorting the rows.
+
+    keys: [nnz] the bit patterns of data (uint32/uint64 view): for positive floats their
+    unsigned order is the value order, and 0 marks an empty hash slot. u: [nnz] uniforms
+    aligned with data (unused when deterministic). Writes bins[nnz] and edges[C, m].
+
+    Count-derived expression has few distinct values per cell (log1p of a library-size
+    scaled count: ~5% of a cell's non-zeros in the benchmark data). Per row: one pass
+    hashes each value to its distinct id (open addressing) and counts; the distinct
+    values are sorted (d of them, not n); the quantile's order statistics are read off
+    the running counts, each distinct value's ``left`` (#edges <= x) and ``right``
+    (#edges < x) are merged against the edges, and a second pass writes every value's
+    bin from its id -- scGPT's ``ceil(u * (right - left) + left)`` with the value's own
+    uniform, so ties draw exactly as in the reference. A row with more than
+    ``max(min_cap, cap_frac * n)`` distinct values is left alone and its index appended
+    to ``fallback`` (the sorting path does it faster); returns the number appended.
+    """
+    m = q.shape[0]
+    max_n = 0
+    for r in rows:
+        max_n = max(max_n, indptr[r + 1] - indptr[r])
+    cap_max = max(min_cap, np.int64(max_n * cap_frac))
+    log_table = 1
+    while (1 << log_table) < 2 * cap_max:  # load factor <= 1/2
+        log_table += 1
+    mask = (1 << log_table) - 1
+    shift = np.uint64(64 - log_table)
+    mult = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing
+    table_key = np.zeros(mask + 1, keys.dtype)
+    table_id = np.empty(mask + 1, np.int32)
+    slot = np.empty(cap_max, np.int64)  # distinct id -> its hash slot (to clear the table)
+    value = np.empty(cap_max, data.dtype)  # distinct id -> value
+    key_of = np.empty(cap_max, keys.dtype)
+    counts = np.empty((4, cap_max), np.int32)  # 4 interleaved counters: no store chains
+    order = np.empty(cap_max, np.int64)  # ascending rank -> distinct id
+    count = np.empty(cap_max, np.int64)  # ascending rank -> copies
+    left_of = np.empty(cap_max, np.float64)
+    span_of = np.empty(cap_max, np.float64)  # right - left (<= 0)
+    det_of = np.empty(cap_max, np.int64)
+    vid = np.empty(max_n, np.int32)  # value -> distinct id
+    n_fallback = 0
+    for r in rows:
+        lo = indptr[r]
+        n = indptr[r + 1] - lo
+        if n == 0:
+            continue
+        cap = max(min_cap, np.int64(n * cap_frac))
+        d = 0
+        complete = True
+        for i in range(n):
+            key = keys[lo + i]
+            h = np.int64((np.uint64(key) * mult) >> shift)
+            t = table_key[h]
+            while t != key and t != 0:
+                h = (h + 1) & mask
+                t = table_key[h]
+            if t == 0:
+                if d == cap:
+                    complete = False
+                    break
+                table_key[h] = key
+                table_id[h] = d
+                slot[d] = h
+                value[d] = data[lo + i]
+                key_of[d] = key
+                counts[0, d] = 0
+                counts[1, d] = 0
+                counts[2, d] = 0
+                counts[3, d] = 0
+                d += 1
+            idx = table_id[h]
+            counts[i & 3, idx] += 1
+            vid[i] = idx
+        for j in range(d):
+            table_key[slot[j]] = 0
+        if not complete:
+            fallback[n_fallback] = r
+            n_fallback += 1
+            continue
+        # distinct ids in ascending value order (insertion sort for few, else argsort)
+        if d <= 48:
+            for j in range(d):
+                k = j
+                while k > 0 and key_of[order[k - 1]] > key_of[j]:
+                    order[k] = order[k - 1]
+                    k -= 1
+                order[k] = j
+        else:
+            order[:d] = np.argsort(key_of[:d])
+        for j in range(d):
+            idx = order[j]
+            count[j] = counts[0, idx] + counts[1, idx] + counts[2, idx] + counts[3, idx]
+        # the order statistics s[p], s[p+1] of the sorted row, walking the running counts
+        e = edges[r]
+        j = 0
+        first = 0  # rank of the first copy of the j-th distinct value
+        for k in range(m):
+            v = (n - 1) * q[k]
+            if v >= n - 1:
+                e[k] = value[order[d - 1]]
+                continue
+            p = np.int64(np.floor(v))
+            while first + count[j] <= p:
+                first += count[j]
+                j += 1
+            a = value[order[j]]
+            b = a if p + 1 < first + count[j] else value[order[j + 1]]
+            e[k] = _replay_quantile(n, q[k], a, b)
+        # left = #edges <= x and right = #edges < x (np.digitize's two sides) by merging
+        kl = 0
+        kr = 0
+        for j in range(d):
+            idx = order[j]
+            x = np.float64(value[idx])
+            while kl < m and e[kl] <= x:
+                kl += 1
+            while kr < m and e[kr] < x:
+                kr += 1
+            left_of[idx] = kl
+            span_of[idx] = kr - kl
+            det_of[idx] = (min(kr + 1, kl) + kl + 1) // 2
+        if deterministic:
+            for i in range(n):
+                bins[lo + i] = det_of[vid[i]]
+        else:
+            for i in range(n):
+                idx = vid[i]
+                bins[lo + i] = np.int64(np.ceil(u[lo + i] * span_of[idx] + left_of[idx]))
+    return n_fallback
+
+
 @numba.njit(cache=True, nogil=True)
 def _pad_rows(indptr, data, cells, out):  # pragma: no cover - compiled
     """out[j, :n] = non-zeros of row cells[j] (gene order); out[j, n:] = +inf."""
@@ -98,22 +408,22 @@ def _pad_rows(indptr, data, cells, out):  # pragma: no cover - compiled
 def _bin_sorted_rows(
     indptr, data, cells, sorted_rows, q, u, deterministic, up, bins, edges
 ):  # pragma: no cover - compiled
-    """Edges and bins for the rows ``cells``; writes bins[nnz] and edges[C, m] in place.
+    """Edges and bins for the rows ``cells`` from their sorted values (the fallback path).
 
     sorted_rows[j, :n]: row cells[j]'s non-zeros ascending. q: [m] linspace(0, 1, m).
     u: [nnz] uniforms aligned with data (unused when deterministic).
-    up: work array in the data dtype, length a multiple of 16 >= m, filled with +inf.
+    up: work array in the data dtype of length P, a power of two > m and >= 64, +inf-filled.
+    Writes bins[nnz] and edges[C, m] in place.
 
-    Edges replay numpy's "linear" quantile exactly: virtual index (n-1)*q, neighbours
-    floor / floor+1 (the last value at or past the end) and numpy's two-sided lerp,
-    with the difference taken in the data dtype and the rest in float64.
-    ``left`` = #edges <= x (np.digitize) is counted against ``up``, the edges rounded up
-    to the data dtype (for float32 x: e <= x iff up(e) <= x), which vectorises; ``right``
-    = #edges < x differs from it only when x equals an edge, and is then the index of
-    the first edge of that run of equal edges.
+    ``left`` = #edges <= x (np.digitize) is a branch-free binary search of ``up``, the
+    edges rounded up to the data dtype (for x in that dtype, e <= x iff up(e) <= x; the
+    +inf padding is never <= a finite x, so left <= m); its last six levels are unrolled
+    with constant steps. ``right`` = #edges < x differs from it only when x equals an
+    edge, and is then the index of the first edge of that run of equal edges.
     """
     m = q.shape[0]
-    pad = up[up.shape[0] - 1]  # +inf in the data dtype
+    size = up.shape[0]
+    pad = up[size - 1]  # +inf in the data dtype
     below = np.empty(m + 1, np.int64)  # below[k + 1]: #edges < e[k]
     below[0] = 0
     for j in range(cells.shape[0]):
@@ -128,14 +438,7 @@ def _bin_sorted_rows(
                 e[k] = s[n - 1]
             else:
                 p = np.int64(np.floor(v))
-                gamma = v - p
-                a = s[p]
-                b = s[p + 1]
-                diff = b - a
-                if gamma >= 0.5:
-                    e[k] = b - diff * (1 - gamma)
-                else:
-                    e[k] = a + diff * gamma
+                e[k] = _replay_quantile(n, q[k], s[p], s[p + 1])
             up[k] = e[k]
             if up[k] < e[k]:
                 up[k] = np.nextafter(up[k], pad)
@@ -143,8 +446,12 @@ def _bin_sorted_rows(
         for i in range(lo, lo + n):
             x = data[i]
             left = 0
-            for k in range(up.shape[0]):
-                left += up[k] <= x
+            step = size >> 1
+            while step >= 64:
+                left += step if up[left + step - 1] <= x else 0
+                step >>= 1
+            for step in (32, 16, 8, 4, 2, 1):
+                left += step if up[left + step - 1] <= x else 0
             if left > 0 and e[left - 1] == x:
                 right = below[left]
                 if deterministic:
@@ -155,9 +462,16 @@ def _bin_sorted_rows(
                 bins[i] = left
 
 
-# Cells binned together in one padded [cells, width] block; cells are grouped by their
-# number of non-zeros, so a block's width (its longest cell) wastes little padding.
+# Cells binned together in one padded [cells, width] block by the sorting path; cells
+# are grouped by their number of non-zeros, so a block's width wastes little padding.
 _CELLS_PER_GROUP = 512
+# A row goes to the sorting path when it has more than max(_MIN_DISTINCT_CAP,
+# _DISTINCT_FRACTION * n) distinct values (there sorting d values costs more than
+# sorting the row with numpy's SIMD sort).
+_DISTINCT_FRACTION = 0.2
+_MIN_DISTINCT_CAP = 32
+# Rows per task of the distinct-value path when n_threads > 1.
+_ROWS_PER_TASK = 1024
 
 
 def bin_csr_rows(
@@ -169,10 +483,11 @@ def bin_csr_rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Bin the non-zeros of a block of cells.
 
-    x: [C, G] CSR with sorted indices, non-negative float32/float64 values.
-    rng: the RandomState stream (``tie_mode="random"``); it advances by ``x.nnz`` draws,
-        so consecutive blocks continue one stream exactly as a per-cell loop would.
-    n_threads: groups of cells processed in parallel (the result does not depend on it).
+    x: [C, G] CSR with sorted indices, non-negative float32/float64 values (explicitly
+        stored zeros are not non-zeros: they get bin 0 and draw nothing, as in scGPT).
+    rng: the RandomState stream (``tie_mode="random"``); it advances by one draw per
+        non-zero, so consecutive blocks continue one stream exactly as a per-cell loop would.
+    n_threads: rows processed in parallel (the result does not depend on it).
     Returns (bins, edges): bins [nnz] int64 aligned with ``x.data`` (values 1..n_bins-1),
     edges [C, n_bins-1] float64 (all zero for a row without non-zeros).
     """
@@ -180,45 +495,102 @@ def bin_csr_rows(
         raise ValueError("bin_csr_rows needs a CSR block with sorted indices (x.sort_indices())")
     check_n_bins(n_bins)
     _check_tie_mode(tie_mode)
+    if tie_mode == "random" and rng is None:
+        raise ValueError("tie_mode='random' needs an rng")
+    data = x.data if x.data.dtype in (np.float32, np.float64) else x.data.astype(np.float64)
+    lowest = data.min() if len(data) else 1.0
+    if not lowest > 0 and (data == 0).any():
+        # explicitly stored zeros: bin the block without them (scGPT's row.nonzero())
+        keep = data != 0
+        row_of = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+        indptr = np.zeros(x.shape[0] + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row_of[keep], minlength=x.shape[0]), out=indptr[1:])
+        nz = sp.csr_matrix((data[keep], x.indices[keep], indptr), shape=x.shape)
+        nz.has_sorted_indices = True
+        kept, edges = bin_csr_rows(nz, n_bins, tie_mode, rng, n_threads)
+        bins = np.zeros(x.nnz, dtype=np.int64)
+        bins[keep] = kept
+        return bins, edges
     m = n_bins - 1
     q = np.linspace(0, 1, m)
     indptr = x.indptr.astype(np.int64)
-    data = x.data if x.data.dtype in (np.float32, np.float64) else x.data.astype(np.float64)
-    n = np.diff(indptr)
+    data = np.ascontiguousarray(data)
     edges = np.zeros((x.shape[0], m), dtype=np.float64)
     bins = np.empty(x.nnz, dtype=np.int64)
-    if tie_mode == "random" and rng is None:
-        raise ValueError("tie_mode='random' needs an rng")
-    order = np.argsort(n, kind="stable")
-    order = order[n[order] > 0]
-    groups = [order[g : g + _CELLS_PER_GROUP] for g in range(0, len(order), _CELLS_PER_GROUP)]
     deterministic = tie_mode == "deterministic"
+    rows = np.flatnonzero(np.diff(indptr) > 0)
+    # tasks of consecutive rows; their values, and so their uniforms, are consecutive too
+    parts = [rows[i : i + _ROWS_PER_TASK] for i in range(0, len(rows), _ROWS_PER_TASK)]
+    bounds = [int(indptr[part[0]]) for part in parts] + [x.nnz]
+    u = np.empty(0 if deterministic else x.nnz, dtype=np.float64)
+    u_parts = [u[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    ready = [threading.Event() for _ in parts]
+    if deterministic:
+        for event in ready:
+            event.set()
+    keys = None
+    if lowest > 0:  # positive floats: bit order = value order, and no key is 0
+        keys = data.view(np.uint32 if data.dtype == np.float32 else np.uint64)
 
-    def sort_group(cells: np.ndarray) -> np.ndarray:
-        padded = np.empty((len(cells), int(n[cells[-1]])), dtype=data.dtype)
-        _pad_rows(indptr, data, cells, padded)
-        padded.sort(axis=1)
-        return padded
-
-    def bin_group(cells: np.ndarray, sorted_rows: np.ndarray, u: np.ndarray) -> None:
-        up = np.full(-(-m // 16) * 16, np.inf, dtype=data.dtype)
-        _bin_sorted_rows(indptr, data, cells, sorted_rows, q, u, deterministic, up, bins, edges)
-
-    def draw() -> np.ndarray:
-        return np.empty(0) if deterministic else rng.random_sample(x.nnz)
+    def distinct(k: int) -> np.ndarray:
+        """Bin part k by the distinct-value path; returns the rows left to the sort path."""
+        ready[k].wait()
+        fallback = np.empty(len(parts[k]), dtype=np.int64)
+        n_left = _bin_rows_distinct(
+            indptr, data, keys, parts[k], q, u, deterministic,
+            _DISTINCT_FRACTION, _MIN_DISTINCT_CAP, bins, edges, fallback,
+        )  # fmt: skip
+        return fallback[:n_left]
 
     if n_threads > 1:
-        # the uniforms are drawn (GIL released) while the groups are sorted
         with ThreadPoolExecutor(n_threads) as pool:
-            u_future = pool.submit(draw)
-            sorted_groups = list(pool.map(sort_group, groups))
-            u = u_future.result()
-            list(pool.map(bin_group, groups, sorted_groups, [u] * len(groups)))
+            # the first worker draws the uniforms part by part while the others bin
+            drawn = None if deterministic else pool.submit(fill_uniforms, rng, u_parts, ready)
+            left = list(pool.map(distinct, range(len(parts)))) if keys is not None else [rows]
+            if drawn is not None:
+                drawn.result()
+            _bin_sorting(indptr, data, np.concatenate([rows[:0], *left]), q, u, deterministic,
+                         bins, edges, pool)  # fmt: skip
     else:
-        u = draw()
-        for cells in groups:
-            bin_group(cells, sort_group(cells), u)
+        if not deterministic:
+            fill_uniforms(rng, u_parts, ready)
+        left = [distinct(k) for k in range(len(parts))] if keys is not None else [rows]
+        _bin_sorting(indptr, data, np.concatenate([rows[:0], *left]), q, u, deterministic,
+                     bins, edges, None)  # fmt: skip
     return bins, edges
+
+
+def _bin_sorting(
+    indptr: np.ndarray,
+    data: np.ndarray,
+    rows: np.ndarray,
+    q: np.ndarray,
+    u: np.ndarray,
+    deterministic: bool,
+    bins: np.ndarray,
+    edges: np.ndarray,
+    pool: ThreadPoolExecutor | None,
+) -> None:
+    """The sorting path for ``rows`` (non-empty): rows grouped by length, each group
+    padded into one [cells, width] block and sorted row-wise by numpy's SIMD sort, then
+    edges and bins by :func:`_bin_sorted_rows`."""
+    if not len(rows):
+        return
+    n = indptr[rows + 1] - indptr[rows]
+    order = rows[np.argsort(n, kind="stable")]
+    groups = [order[g : g + _CELLS_PER_GROUP] for g in range(0, len(order), _CELLS_PER_GROUP)]
+    m = q.shape[0]
+    search_size = max(64, 1 << m.bit_length())  # a power of two > m
+
+    def bin_group(cells: np.ndarray) -> None:
+        width = int(indptr[cells[-1] + 1] - indptr[cells[-1]])
+        padded = np.empty((len(cells), width), dtype=data.dtype)
+        _pad_rows(indptr, data, cells, padded)
+        padded.sort(axis=1)
+        up = np.full(search_size, np.inf, dtype=data.dtype)
+        _bin_sorted_rows(indptr, data, cells, padded, q, u, deterministic, up, bins, edges)
+
+    list(pool.map(bin_group, groups) if pool else map(bin_group, groups))
 
 
 def reference_binning(

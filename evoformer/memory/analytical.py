@@ -33,7 +33,7 @@ Sizes: ``N_m = B S r`` MSA tokens, ``N_z = B r^2`` pair entries, ``e`` bytes per
 (4 fp32, 2 bf16). The sizes below are those of the model as implemented (SDPA attention, the
 rank-folded outer product mean, checkpointed chunks); the CUDA device uses the memory-efficient
 SDPA kernel (keeps ``q, k, v, bias, out`` and a ``[N, H, ceil(r/32)*32]`` fp32 log-sum-exp,
-pads an unaligned bias to 8 columns), the CPU device the math kernel (keeps scaled ``q, k``,
+pads an unaligned bias to 8 columns), the CPU device an explicit softmax (keeps scaled ``q, k``,
 ``v`` and the ``[N, H, r, r]`` probabilities).
 """
 
@@ -254,7 +254,7 @@ def _attention_kept(
     if d.cuda:
         kept["attention_bias"] = bias_bytes
         kept["logsumexp"] = n_batch * h * _ceil(q_len, 32) * 4
-    else:  # the CPU math kernel computes half-precision attention in fp32
+    else:  # CPU: explicit softmax, half-precision attention computed in fp32
         kept["qkv"] = 3 * n_batch * q_len * h * hd * 4
         kept["attention_probs"] = n_batch * h * q_len * q_len * 4
     return kept
@@ -269,7 +269,7 @@ def _attention_bwd(
     # grad of the attention output and of the gate's input, dq/dk/dv and the bias gradient,
     # less the gate's sigmoid and the gated output (freed by the earlier backward nodes)
     extra = tok + n_batch * q_len * c_in * e + 3 * tok + bias_grad - 2 * tok
-    if not d.cuda:  # math kernel: gradient of the probabilities and of the logits (fp32)
+    if not d.cuda:  # explicit softmax: gradient of the probabilities and of the logits (fp32)
         extra += 2 * n_batch * h * q_len * q_len * 4
     return extra
 
@@ -312,34 +312,34 @@ def _row_attention(d: _Dims) -> OpMemory:
     if d.spec.model.dropout_msa > 0:
         kept["dropout_mask"] = B * r * d.cm * e
     kept["msa_stream"] = d.Nm * d.cm * e
-    bias_full = B * S * d.Hm * r * r * e
-    bias_grad = B * S * d.Hm * r * (_ceil(r, 16) if d.cuda else r) * e
+    # CUDA: pair bias + key mask summed into one [B, S, H, r, r] bias (and its gradient);
+    # CPU: both added in place to the logits, the pair-bias gradient reduced over S
+    bias_full = B * S * d.Hm * r * r * e if d.cuda else 0
+    bias_grad = B * S * d.Hm * r * _ceil(r, 16) * e if d.cuda else d.Nz * d.Hm * e
     sdpa = _attention_bwd(d, B * S, r, d.Hm, d.dm, d.cm, bias_grad) + d.Nm * d.cm * e
     # bias gradient and its un-padded copy; then the pair-bias gradient (summed over S) gives
     # grad LN(z) [B, r, r, c_z], which replaces the kept LN(z) before grad z is formed
     pair = max(bias_grad + bias_full - bias, d.Nz * d.cz * e + d.Nz * d.Hm * e)
-    fwd = max(bias_full + d.Nz * d.Hm * e, d.Nm * d.cm * e)
+    logits = 0 if d.cuda else B * S * d.Hm * r * r * 4  # CPU: logits next to probabilities
+    fwd = max(bias_full + logits + d.Nz * d.Hm * e, d.Nm * d.cm * e)
     return OpMemory("msa_row_attention", 0, kept, fwd_extra=fwd, bwd_extra=max(sdpa, pair))
 
 
 def _row_attention_without_pair(d: _Dims) -> OpMemory:
     """Preset none: the bias is the key mask alone, a broadcast view ``[B*S, H, r, r]`` of a
-    ``[B, S, r]`` tensor (never materialised), with no gradient."""
+    ``[B, S, r]`` tensor (never materialised), with no gradient; on CPU it is added in place
+    to the logits of the explicit softmax."""
     e, B, S, r = d.e, d.B, d.S, d.r
     kept = _residual_in(d, d.Nm, d.cm)
     bias = B * S * r * e
     kept.update(_attention_kept(d, B * S, r, d.Hm, d.dm, bias))
     sdpa = _attention_bwd(d, B * S, r, d.Hm, d.dm, d.cm, 0) + d.Nm * d.cm * e
-    if not d.cuda:  # a bias without gradient: CPU SDPA takes its flash kernel, not the math one
-        probs = B * S * d.Hm * r * r * 4
-        del kept["attention_probs"]
-        kept["qkv"] = 3 * B * S * r * d.Hm * d.dm * e
-        kept["logsumexp"] = B * S * d.Hm * r * 4
-        sdpa -= 2 * probs
+    logits = 0 if d.cuda else B * S * d.Hm * r * r * 4  # CPU: logits next to probabilities
     if d.spec.model.dropout_msa > 0:
         kept["dropout_mask"] = B * r * d.cm * e
     kept["msa_stream"] = d.Nm * d.cm * e
-    return OpMemory("msa_row_attention", 0, kept, fwd_extra=d.Nm * d.cm * e, bwd_extra=sdpa)
+    fwd = max(logits, d.Nm * d.cm * e)
+    return OpMemory("msa_row_attention", 0, kept, fwd_extra=fwd, bwd_extra=sdpa)
 
 
 def _column_attention(d: _Dims) -> OpMemory:
@@ -479,7 +479,7 @@ def _tri_att(d: _Dims, name: str) -> OpMemory:
         kept["pair_stream"] = Nz * cz * e
         out = Nz * cz * e
         fwd = out + chunk_kept + ck * H * r * r * e
-        bias_grad = ck * H * r * (_ceil(r, 16) if d.cuda else r) * e
+        bias_grad = ck * H * r * _ceil(r, 16) * e if d.cuda else Nz * H * e
         bwd = out + chunk_kept + _attention_bwd(d, ck, r, H, d.dp, cz, bias_grad)
         if d.spec.model.dropout_pair > 0:
             kept["dropout_mask"] = B * r * cz * e
@@ -490,10 +490,19 @@ def _tri_att(d: _Dims, name: str) -> OpMemory:
     if d.spec.model.dropout_pair > 0:
         kept["dropout_mask"] = B * r * cz * e
     kept["pair_stream"] = Nz * cz * e
-    bias_grad = rows * H * r * (_ceil(r, 16) if d.cuda else r) * e
+    transposed = 0 if name.endswith("start") else Nz * cz * e
+    if not d.cuda:
+        # CPU: the triangle bias and key mask are added in place to the logits (no summed
+        # bias); forward: the logits next to the probabilities; backward: the explicit
+        # softmax's, the triangle-bias gradient reduced over the rows
+        bias_grad = Nz * H * e
+        fwd = rows * H * r * r * 4 + Nz * H * e + transposed
+        bwd = _attention_bwd(d, rows, r, H, d.dp, cz, bias_grad) + Nz * cz * e
+        return OpMemory(name, 0, kept, fwd_extra=fwd, bwd_extra=bwd)
+    bias_grad = rows * H * r * _ceil(r, 16) * e
     # the un-padded sum next to its re-laid-out copy, the triangle bias (ending node: the LN
     # output next to its transposed copy)
-    fwd = bias_full + Nz * H * e + (0 if name.endswith("start") else Nz * cz * e)
+    fwd = bias_full + Nz * H * e + transposed
     # backward: the SDPA backward; later the bias gradient and its un-padded copy, once the
     # kept bias is freed
     bwd = max(

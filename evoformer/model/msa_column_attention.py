@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from evoformer.model.primitives import Attention, mask_bias
+from evoformer.model.primitives import Attention
 
 
 class MSAColumnAttention(nn.Module):
@@ -27,5 +27,5 @@ class MSAColumnAttention(nn.Module):
         """
         with record_function("msa_column_attention"):
             m_t = m.transpose(-2, -3).contiguous()  # [*, r, S, c_m], one copy for all Linears
-            key_bias = mask_bias(msa_mask.transpose(-1, -2), m.dtype)[..., None, None, :]
-            return self.mha(m_t, key_bias).transpose(-2, -3)  # bias [*, r, 1, 1, S]
+            # keys of column j: msa_mask[:, j]; a padded position's column has none and outputs 0
+            return self.mha(m_t, None, key_mask=msa_mask.transpose(-1, -2)).transpose(-2, -3)

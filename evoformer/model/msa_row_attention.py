@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from evoformer.model.primitives import Attention, LayerNorm, Linear, mask_bias
+from evoformer.model.primitives import Attention, LayerNorm, Linear
 
 
 class MSARowAttentionWithPairBias(nn.Module):
@@ -44,9 +44,8 @@ class MSARowAttentionWithPairBias(nn.Module):
             ``[*, S, r, c_m]`` update.
         """
         with record_function("msa_row_attention"):
-            key_bias = mask_bias(msa_mask, m.dtype)[..., None, None, :]  # [*, S, 1, 1, r]
             if self.linear_z is None or self.layer_norm_z is None:
-                return self.mha(m, key_bias)
+                return self.mha(m, None, key_mask=msa_mask)
             pair_bias = self.linear_z(self.layer_norm_z(z))  # [*, r, r, H]
             pair_bias = pair_bias.movedim(-1, -3).unsqueeze(-4)  # [*, 1, H, r, r]
-            return self.mha(m, pair_bias + key_bias.to(pair_bias.dtype))
+            return self.mha(m, pair_bias, key_mask=msa_mask)  # keys of row s: msa_mask[s]

@@ -10,7 +10,8 @@ projection ``W [c_z, c, c]`` is folded into ``b`` first::
 so the largest intermediate is ``Q [*, S*c, r*c_z]`` (``S*c_opm / r`` of the output) and the
 contraction is a single matmul producing ``[*, r, r, c_z]`` directly. ``n_ij`` is the number of
 rows where both tokens are real (AF2 masking, ``eps = 1e-3``). With ``chunk_size`` the output
-rows ``i`` are computed in slices (recomputed in backward when training).
+rows ``i`` are computed in slices; nothing is recomputed in backward (a slice's product needs
+only ``a`` and ``Q``, which are kept anyway).
 """
 
 from __future__ import annotations
@@ -68,7 +69,11 @@ class OuterProductMean(nn.Module):
                 out = _DivAddInplace.apply(out, norm_i + self.eps, bias.to(out.dtype))
                 return out.view(*a_i.shape[:-1], r, self.c_z)  # [*, I, r, z]
 
-            return chunked(rows, [a_flat, q, norm], [-2, None, -3], chunk_size, out_dim=-3)
+            # a chunk's autograd keeps only views of a_flat and q and its small denominator:
+            # nothing to recompute
+            return chunked(
+                rows, [a_flat, q, norm], [-2, None, -3], chunk_size, out_dim=-3, recompute=False
+            )
 
 
 class _DivAddInplace(torch.autograd.Function):

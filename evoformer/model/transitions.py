@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from evoformer.model.primitives import Linear, chunked
+from evoformer.model.primitives import Linear, LinearTail, chunked
 
 
 class Transition(nn.Module):
@@ -24,8 +24,9 @@ class Transition(nn.Module):
         self.linear_1 = Linear(c, n * c, init="relu")
         self.linear_2 = Linear(n * c, c, init="final")
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(torch.relu(self.linear_1(x)))
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """``[*, c] -> [*, n*c]``: ``ReLU(Linear(x))``."""
+        return torch.relu(self.linear_1(x))
 
     def forward(self, x: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """
@@ -37,4 +38,13 @@ class Transition(nn.Module):
             ``[*, R, C, c]`` update.
         """
         with record_function(self.name):
-            return chunked(self._mlp, [x], [-3], chunk_size, out_dim=-3)
+            # in training a chunk's hidden layer is recomputed in backward, linear_2 is not
+            return chunked(
+                self._hidden,
+                [x],
+                [-3],
+                chunk_size,
+                out_dim=-3,
+                params=list(self.linear_1.parameters()),
+                tail=LinearTail(self.linear_2),
+            )

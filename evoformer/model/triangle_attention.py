@@ -4,8 +4,9 @@ Starting node: every row ``i`` of the pair representation attends over its keys 
 ``b_jk = Linear(z_jk)``: ``z_ij <- sum_k softmax_k(q_ij . k_ik / sqrt(d) + b_jk) v_ik``.
 Ending node: the same on the transposed pair representation.
 
-Attention runs through SDPA; with ``chunk_size`` rows ``i`` are processed in slices, which bounds
-the ``[*, I, H, r, r]`` logits/bias (recomputed in backward when training).
+With ``chunk_size`` rows ``i`` are processed in slices, which bounds the ``[*, I, H, r, r]``
+logits/bias; in training a slice's projections and attention are recomputed in backward, its
+output projection is not.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from evoformer.model.primitives import Attention, Linear, chunked, mask_bias
+from evoformer.model.primitives import Attention, Linear, LinearTail, chunked
 
 
 class TriangleAttention(nn.Module):
@@ -34,9 +35,9 @@ class TriangleAttention(nn.Module):
         self.mha = Attention(c_z, c_hidden, n_heads)
 
     def _rows(self, z_rows: torch.Tensor, mask_rows: torch.Tensor, tri_bias: torch.Tensor):
-        """``z_rows [*, I, r, c_z]``, ``mask_rows [*, I, r]``, ``tri_bias [*, 1, H, r, r]``."""
-        key_bias = mask_bias(mask_rows, tri_bias.dtype)[..., None, None, :]  # [*, I, 1, 1, r]
-        return self.mha(z_rows, tri_bias + key_bias)
+        """``z_rows [*, I, r, c_z]``, ``mask_rows [*, I, r]``, ``tri_bias [*, 1, H, r, r]`` ->
+        gated attention output ``[*, I, r, H*d]`` (before the output projection)."""
+        return self.mha.gated(z_rows, tri_bias, key_mask=mask_rows)  # a padded row i gives 0
 
     def forward(
         self, z: torch.Tensor, pair_mask: torch.Tensor, chunk_size: int | None = None
@@ -58,7 +59,15 @@ class TriangleAttention(nn.Module):
                 z = z.transpose(-2, -3).contiguous()
                 pair_mask = pair_mask.transpose(-1, -2)
             tri_bias = self.linear_bias(z).movedim(-1, -3).unsqueeze(-4)  # [*, 1, H, r, r]
-            out = chunked(self._rows, [z, pair_mask, tri_bias], [-3, -2, None], chunk_size, -3)
+            out = chunked(
+                self._rows,
+                [z, pair_mask, tri_bias],
+                [-3, -2, None],
+                chunk_size,
+                -3,
+                params=self.mha.inner_parameters(),
+                tail=LinearTail(self.mha.linear_o),
+            )
             if not self.starting:
                 out = out.transpose(-2, -3)
             return out
