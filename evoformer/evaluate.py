@@ -973,7 +973,8 @@ def flat_metrics(
     * expression space (comparable across grid points): ``{model,mean,ridge,knn}_<m>`` with
       ``_lo``/``_hi`` (95% bootstrap interval) for every ``m`` in
       :data:`evoformer.metrics.EXPR_METRICS`; ``best_baseline_<m>`` (its name) and
-      ``diff_<m>`` = model - that baseline, with ``_lo``/``_hi``;
+      ``diff_<m>`` = model - that baseline, ``diff_mean_<m>`` = model - the per-gene mean
+      (the floor), each with ``_lo``/``_hi``;
     * bin space (not comparable across n_bins or loss): ``{model,mean}_bin_{acc,ce,mse,pearson,mre}``;
     * ``grn_{model,ridge,random}_auprc`` (NaN without a known network);
     * ``probe_{cls,mean,pca}_{logreg,knn}_{accuracy,macro_f1}`` (``pca`` is the baseline),
@@ -988,11 +989,12 @@ def flat_metrics(
             out[f"{who}_{m}_hi"] = iv["hi"]
     for m in EXPR_METRICS:
         best = strongest[m]
-        iv = expression[f"diff:{best}"][m]
         out[f"best_baseline_{m}"] = best
-        out[f"diff_{m}"] = iv["value"]
-        out[f"diff_{m}_lo"] = iv["lo"]
-        out[f"diff_{m}_hi"] = iv["hi"]
+        for key, who in ((f"diff_{m}", best), (f"diff_mean_{m}", "mean")):
+            iv = expression[f"diff:{who}"][m]
+            out[key] = iv["value"]
+            out[f"{key}_lo"] = iv["lo"]
+            out[f"{key}_hi"] = iv["hi"]
     for who in ("model", "mean"):
         for m in VALUE_METRICS:
             name = m if m == "bin_acc" else f"bin_{m}"

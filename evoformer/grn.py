@@ -20,9 +20,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pandas as pd
 
-from evoformer.errors import InputError
+from evoformer.model.prior import read_edges
 
 
 def _pairs(g: int, exclude_diagonal: bool, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -95,32 +94,16 @@ def _read_edges(
     path: str | os.PathLike, genes: list[str]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(source index, target index, weight) of the edges of a network TSV between ``genes``."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: network file not found")
-    try:
-        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read network TSV ({type(exc).__name__})") from None
-    for col in ("source", "target"):
-        if col not in df.columns:
-            raise InputError(f"{path}: network has no '{col}' column (columns: {list(df.columns)})")
-    if "weight" in df.columns:
-        weight = pd.to_numeric(df["weight"], errors="coerce").to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(weight)
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise InputError(
-                f"{path}: column 'weight' row {row + 2} is not a finite number: "
-                f"{df['weight'].iloc[row]!r}"
-            )
-    else:
-        weight = np.ones(len(df))
+    df = read_edges(path, "network")
     index = {g: i for i, g in enumerate(genes)}
     src = df["source"].map(index)
     tgt = df["target"].map(index)
     keep = (src.notna() & tgt.notna()).to_numpy()
-    return src[keep].astype(int).to_numpy(), tgt[keep].astype(int).to_numpy(), weight[keep]
+    return (
+        src[keep].astype(int).to_numpy(),
+        tgt[keep].astype(int).to_numpy(),
+        df["value"].to_numpy()[keep],
+    )
 
 
 def read_network(path: str | os.PathLike, genes: list[str]) -> np.ndarray:

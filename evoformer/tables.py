@@ -425,13 +425,26 @@ def summary_markdown(
             v = verdict(_float(m.get(f"diff_{metric}_lo")), _float(m.get(f"diff_{metric}_hi")), low)
             wins += v == "the model is better"
             losses += v == "the baseline is better"
+            floor = ""
+            if f"diff_mean_{metric}" in m and best != "mean":
+                v_mean = verdict(
+                    _float(m.get(f"diff_mean_{metric}_lo")),
+                    _float(m.get(f"diff_mean_{metric}_hi")),
+                    low,
+                )
+                floor = (
+                    f" Against the per-gene mean ({_g4(m.get(f'mean_{metric}'))}): difference "
+                    f"{_g4(m.get(f'diff_mean_{metric}'))} ({_ci(m, f'diff_mean_{metric}')}), "
+                    + v_mean.replace("the baseline", "the mean")
+                    + "."
+                )
             lines.append(
                 f"- **{METRIC_NAMES.get(metric, metric)}** ({'lower' if low else 'higher'} is "
                 f"better): the model scores {_g4(m.get(f'model_{metric}'))} "
                 f"({_ci(m, f'model_{metric}')}); the strongest baseline, "
                 f"{BASELINE_NAMES.get(best, best)}, scores {_g4(m.get(f'{best}_{metric}'))} "
                 f"({_ci(m, f'{best}_{metric}')}). Difference {_g4(m.get(f'diff_{metric}'))} "
-                f"({_ci(m, f'diff_{metric}')}): {v}."
+                f"({_ci(m, f'diff_{metric}')}): {v}.{floor}"
             )
         lines += [
             "",

@@ -25,7 +25,8 @@ rule train:
         f"results/benchmarks/train/{EXP_LOG}_{{fold}}.tsv"
     conda:
         "../envs/train.yaml"
-    threads: 2
+    # CPU-only runs start train.cpu_processes processes (GPU jobs: one per GPU of the gres)
+    threads: lambda wc: train_spec(wc)["train"]["cpu_processes"]
     params:
         spec=lambda wc: json.dumps(train_spec(wc)),
         binned=lambda wc: binned_dir(DATASET, wc.n_hvg, wc.n_bins),

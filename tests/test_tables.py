@@ -35,6 +35,10 @@ TEST_BIN_ACC = {(11, "pre"): 0.9, (11, "post"): 0.1, (21, "pre"): 0.99, (21, "po
 # expression-space test metrics: the model better on MSE, undecided on Pearson, worse on AUROC
 EXPR = {
     "model_expr_mse": 0.5,
+    "mean_expr_mse": 0.9,
+    "diff_mean_expr_mse": -0.4,
+    "diff_mean_expr_mse_lo": -0.45,
+    "diff_mean_expr_mse_hi": -0.35,
     "model_expr_mse_lo": 0.45,
     "model_expr_mse_hi": 0.55,
     "ridge_expr_mse": 0.6,
@@ -258,6 +262,7 @@ def test_summary_states_model_baseline_difference_and_verdict(
     assert "the model scores 0.5 (95% CI 0.45 to 0.55)" in mse
     assert "ridge co-expression" in mse and "scores 0.6 (95% CI 0.55 to 0.65)" in mse
     assert "Difference -0.1 (95% CI -0.15 to -0.05): the model is better." in mse
+    assert "Against the per-gene mean (0.9): difference -0.4 (95% CI -0.45 to -0.35), the model" in mse
     pearson = next(line for line in final.splitlines() if "Pearson correlation of" in line)
     assert "no clear difference" in pearson and "kNN" in pearson
     auroc = next(line for line in final.splitlines() if "AUROC" in line)

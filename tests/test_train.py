@@ -120,6 +120,24 @@ def logtext(out: Path) -> str:
     return (out.parent / f"{out.name}.log").read_text()
 
 
+def wait_for_log(p: subprocess.Popen, out: Path, text: str, timeout: float = 120) -> None:
+    """Wait until the run's log shows ``text`` (the run must still be going)."""
+    deadline = time.time() + timeout
+    log = out.parent / f"{out.name}.log"
+    while text not in (log.read_text() if log.exists() else ""):
+        assert p.poll() is None and time.time() < deadline, logtext(out)
+        time.sleep(0.2)
+
+
+def training_processes(p: subprocess.Popen) -> list[psutil.Process]:
+    """The ``evoformer.train`` worker processes below the launcher ``p``."""
+    return [
+        c
+        for c in psutil.Process(p.pid).children(recursive=True)
+        if "evoformer.train" in " ".join(c.cmdline())
+    ]
+
+
 @pytest.fixture(scope="module")
 def reference(pbmc, tmp_path_factory) -> Path:
     """One uninterrupted 2-process run: the reference for loss, determinism and resume."""
@@ -181,15 +199,8 @@ def test_kill9_then_resume_equals_uninterrupted(pbmc, reference: Path, tmp_path:
 def test_rank_failure_stops_the_job(pbmc, tmp_path: Path) -> None:
     out = tmp_path / "out"
     p = launch(pbmc, out, tmp_path / "ckpt", train={"epochs": 50})
-    deadline = time.time() + 120
-    while "Step 2/" not in (logtext(out) if (tmp_path / "out.log").exists() else ""):
-        assert p.poll() is None and time.time() < deadline, logtext(out)
-        time.sleep(0.2)
-    workers = [
-        c
-        for c in psutil.Process(p.pid).children(recursive=True)
-        if "evoformer.train" in " ".join(c.cmdline())
-    ]
+    wait_for_log(p, out, "Step 2/")
+    workers = training_processes(p)
     assert len(workers) == 2
     workers[1].kill()
     t0 = time.time()
@@ -202,10 +213,7 @@ def test_rank_failure_stops_the_job(pbmc, tmp_path: Path) -> None:
 def test_sigusr1_checkpoints_and_continues(pbmc, tmp_path: Path) -> None:
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     p = launch(pbmc, out, ckpt, train={"ckpt_every": 1000})
-    deadline = time.time() + 120
-    while "Step 2/" not in (logtext(out) if (tmp_path / "out.log").exists() else ""):
-        assert p.poll() is None and time.time() < deadline, logtext(out)
-        time.sleep(0.2)
+    wait_for_log(p, out, "Step 2/")
     signal_tree(p.pid, signal.SIGUSR1)  # as Slurm does: every process of the step
     assert p.wait(timeout=240) == 0, logtext(out)
     assert "checkpoint written at step" in logtext(out) and "(signal)" in logtext(out)
@@ -238,10 +246,7 @@ def test_a_second_training_on_the_same_checkpoint_folder_stops_at_once(
 ) -> None:
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     p = launch(pbmc, out, ckpt, train={"epochs": 50})
-    deadline = time.time() + 120
-    while "Step 1/" not in (logtext(out) if (tmp_path / "out.log").exists() else ""):
-        assert p.poll() is None and time.time() < deadline, logtext(out)
-        time.sleep(0.2)
+    wait_for_log(p, out, "Step 1/")
     t0 = time.time()
     rc = run(pbmc, tmp_path / "second", ckpt, timeout=120)
     assert rc != 0 and time.time() - t0 < 90
@@ -255,15 +260,8 @@ def test_a_second_training_on_the_same_checkpoint_folder_stops_at_once(
 def test_workers_die_with_their_launcher(pbmc, tmp_path: Path) -> None:
     out = tmp_path / "out"
     p = launch(pbmc, out, tmp_path / "ckpt", train={"epochs": 50})
-    deadline = time.time() + 120
-    while "Step 2/" not in (logtext(out) if (tmp_path / "out.log").exists() else ""):
-        assert p.poll() is None and time.time() < deadline, logtext(out)
-        time.sleep(0.2)
-    workers = [
-        c
-        for c in psutil.Process(p.pid).children(recursive=True)
-        if "evoformer.train" in " ".join(c.cmdline())
-    ]
+    wait_for_log(p, out, "Step 2/")
+    workers = training_processes(p)
     assert len(workers) == 2
     p.kill()  # the launcher (torchrun's agent) alone, no chance to clean up
     p.wait()

@@ -393,18 +393,6 @@ def _bin_rows_distinct(
 
 
 @numba.njit(cache=True, nogil=True)
-def _pad_rows(indptr, data, cells, out):  # pragma: no cover - compiled
-    """out[j, :n] = non-zeros of row cells[j] (gene order); out[j, n:] = +inf."""
-    for j in range(cells.shape[0]):
-        lo = indptr[cells[j]]
-        n = indptr[cells[j] + 1] - lo
-        for i in range(n):
-            out[j, i] = data[lo + i]
-        for i in range(n, out.shape[1]):
-            out[j, i] = np.inf
-
-
-@numba.njit(cache=True, nogil=True)
 def _bin_sorted_rows(
     indptr, data, cells, sorted_rows, q, u, deterministic, up, bins, edges
 ):  # pragma: no cover - compiled

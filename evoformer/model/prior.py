@@ -14,6 +14,50 @@ from evoformer.errors import InputError
 log = logging.getLogger(__name__)
 
 
+def read_edges(path: str | os.PathLike, what: str = "network") -> pd.DataFrame:
+    """A TSV of directed gene-gene edges: ``source``, ``target`` (gene names), optional
+    ``weight`` (float, default 1) and ``sign`` (+1 / -1, default +1); other columns ignored.
+
+    Returns:
+        DataFrame ``[E]`` with ``source``, ``target`` (str) and ``value`` = weight x sign.
+
+    Raises:
+        InputError: one line naming the file (and ``what`` it is) when it is missing or
+            unreadable, lacks a column, or has a bad weight or sign.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: {what} file not found")
+    try:
+        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read {what} TSV ({type(exc).__name__})") from None
+    for col in ("source", "target"):
+        if col not in df.columns:
+            raise InputError(f"{path}: {what} has no '{col}' column (columns: {list(df.columns)})")
+    value = np.ones(len(df), dtype=np.float64)
+    if "weight" in df.columns:
+        w = pd.to_numeric(df["weight"], errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(w)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise InputError(
+                f"{path}: column 'weight' row {row + 2} is not a finite number: "
+                f"{df['weight'].iloc[row]!r}"
+            )
+        value *= w
+    if "sign" in df.columns:
+        sign = pd.to_numeric(df["sign"], errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isin(sign, (1.0, -1.0))
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise InputError(
+                f"{path}: column 'sign' row {row + 2} must be +1 or -1, got {df['sign'].iloc[row]!r}"
+            )
+        value *= sign
+    return pd.DataFrame({"source": df["source"], "target": df["target"], "value": value})
+
+
 def load_prior_network(
     path: str | os.PathLike, gene_names: list[str], min_gene_share: float = 0.0
 ) -> torch.Tensor:
@@ -42,41 +86,11 @@ def load_prior_network(
         InputError: the file is missing/unreadable, a required column is missing, or a
             weight/sign value is invalid.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: prior network file not found")
-    try:
-        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read prior network TSV ({exc})") from exc
-    for col in ("source", "target"):
-        if col not in df.columns:
-            raise InputError(
-                f"{path}: prior network has no '{col}' column (columns: {list(df.columns)})"
-            )
+    df = read_edges(path, "prior network")
+    path, n = os.fspath(path), len(df)
     if df.empty:
         raise InputError(f"{path}: prior network has no edges")
-
-    n = len(df)
-    value = np.ones(n, dtype=np.float64)
-    if "weight" in df.columns:
-        w = pd.to_numeric(df["weight"], errors="coerce").to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(w)
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise InputError(
-                f"{path}: column 'weight' row {row + 2} is not a finite number: {df['weight'].iloc[row]!r}"
-            )
-        value *= w
-    if "sign" in df.columns:
-        s = pd.to_numeric(df["sign"], errors="coerce").to_numpy(dtype=np.float64)
-        bad = ~np.isin(s, (1.0, -1.0))
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise InputError(
-                f"{path}: column 'sign' row {row + 2} must be +1 or -1, got {df['sign'].iloc[row]!r}"
-            )
-        value *= s
+    value = df["value"].to_numpy()
 
     index = {g: i for i, g in enumerate(gene_names)}
     src = df["source"].map(index)
