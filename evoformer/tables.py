@@ -426,7 +426,7 @@ def summary_markdown(
             wins += v == "the model is better"
             losses += v == "the baseline is better"
             floor = ""
-            if f"diff_mean_{metric}" in m and best != "mean":
+            if not math.isnan(_float(m.get(f"diff_mean_{metric}"))) and best != "mean":
                 v_mean = verdict(
                     _float(m.get(f"diff_mean_{metric}_lo")),
                     _float(m.get(f"diff_mean_{metric}_hi")),

@@ -92,3 +92,18 @@ def test_kill9_of_snakemake_then_rerun_resumes_to_identical_weights(make_workflo
     assert "resumed from" in train_log.read_text()
     a, b = model_weights(ref.root), model_weights(wf.root)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failed_training_prints_its_error_line_in_snakemakes_output(make_workflow):
+    """The train rule's log is not the only place a training error shows: Snakemake's own
+    output carries its one-line `error:` (here: a corrupt checkpoint, named with its path)."""
+    wf = make_workflow("train_error")
+    cfg = wf.config("one", **ONE_POINT)
+    wf.run("preprocess", configfile=cfg)
+    ckpt = wf.root / "checkpoints/pbmc68k/n_hvg~32_n_bins~11_preset~bioformer/holdout"
+    ckpt.mkdir(parents=True)
+    (ckpt / "last.pt").write_bytes(b"not a checkpoint")
+    proc = wf.run(configfile=cfg, check=False)
+    assert proc.returncode != 0
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("error: ")]
+    assert lines and "last.pt is corrupt" in lines[0], proc.stdout[-3000:]
