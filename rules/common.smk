@@ -183,7 +183,8 @@ def check_config():
 
 
 def known_cells_by_label(name):
-    """Cells per label of a dataset whose files already exist (None otherwise)."""
+    """Cells per label of a dataset whose files already exist and can be read (None otherwise:
+    the split-size checks wait for the split job, which reports an unreadable file itself)."""
     from collections import Counter
 
     from evoformer.data.split import cells_by_label
@@ -198,8 +199,8 @@ def known_cells_by_label(name):
     for f in files:
         try:
             total.update(cells_by_label(f, label))
-        except (OSError, KeyError) as e:
-            raise WorkflowError(f"{f}: cannot read the cells ({e})") from None
+        except (OSError, KeyError, ValueError):
+            return None
     return dict(total)
 
 

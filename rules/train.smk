@@ -13,6 +13,10 @@ rule train:
         split=lambda wc: split_file(DATASET),
         preflight=f"{EXP_DIR}/preflight.json",
         prior=prior_input,
+        # the final retrain's epochs come from the CV selection
+        selection=lambda wc: (
+            [checkpoints.cv_select.get().output[0]] if wc.fold == "final" else []
+        ),
     output:
         model=f"{EXP_DIR}/fold~{{fold}}/train/model.pt",
         metrics=f"{EXP_DIR}/fold~{{fold}}/train/metrics.tsv",

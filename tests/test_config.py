@@ -65,7 +65,7 @@ def test_the_default_config_passes() -> None:
         ({"experiment__model__c_z": 8.5}, "'experiment.model.c_z': got 8.5"),
         ({"experiment__train__bogus": 1}, "'experiment.train.bogus' is unknown"),
         (
-            {"experiment__train__global_batch_size": 24},
+            {"experiment__train__global_batch_size": 24, "experiment__train__cpu_processes": 2},
             "'experiment.train.global_batch_size' (24) is not a multiple of micro_batch_size x "
             "processes (8 x 2 from train.cpu_processes)",
         ),

@@ -117,7 +117,9 @@ def test_cpu_dry_run_end_to_end(tmp_path):
     sdpa = items["sdpa"]
     assert sdpa["probes"]["float32"]["MATH"] == "ok"
     assert set(sdpa["training_step"]) == {"journal", "pair_stack"}
-    assert all(s["backends"] for s in sdpa["training_step"].values())
+    # on CPU the model's attention is an explicit softmax (SDPA's CPU backward is wrong for
+    # fully masked rows), so only a GPU run lists SDPA kernels here
+    assert all(isinstance(s["backends"], list) for s in sdpa["training_step"].values())
     smoke = items["ddp_smoke"]
     assert smoke["passed"] and smoke["exit_code"] == 0
     assert smoke["world_size"] == 2 and smoke["backend"] == "gloo"

@@ -262,7 +262,9 @@ def test_summary_states_model_baseline_difference_and_verdict(
     assert "the model scores 0.5 (95% CI 0.45 to 0.55)" in mse
     assert "ridge co-expression" in mse and "scores 0.6 (95% CI 0.55 to 0.65)" in mse
     assert "Difference -0.1 (95% CI -0.15 to -0.05): the model is better." in mse
-    assert "Against the per-gene mean (0.9): difference -0.4 (95% CI -0.45 to -0.35), the model" in mse
+    assert (
+        "Against the per-gene mean (0.9): difference -0.4 (95% CI -0.45 to -0.35), the model" in mse
+    )
     pearson = next(line for line in final.splitlines() if "Pearson correlation of" in line)
     assert "no clear difference" in pearson and "kNN" in pearson
     auroc = next(line for line in final.splitlines() if "AUROC" in line)

@@ -19,39 +19,52 @@ from tests.conftest import activated_env
 
 pytestmark = pytest.mark.slow
 
+MODEL = "results/pbmc68k/exp/n_hvg~32_n_bins~11_preset~bioformer/fold~holdout/train/model.pt"
 ONE_POINT = {
     "sweep": {"n_bins": [11], "preset": ["bioformer"]},
     "cv": {"enabled": False},
     "experiment": {
-        "train": {"epochs": 4, "ckpt_every": 2, "patience": None, "log_every": 1},
+        "train": {"epochs": 3, "ckpt_every": 2, "patience": None, "log_every": 1},
     },
 }
 
 
 def trainings(root: Path, kinds: tuple[str, ...] = ("evoformer.train", "evoformer.launch")) -> int:
     """How many Python training processes (``-m evoformer.train`` workers, ``-m
-    evoformer.launch`` launchers; not the shells around them) run in the workflow copy ``root``."""
+    evoformer.launch`` launchers; not the shells around them, nor a launcher's short-lived
+    forks, which carry its command line until they exec) run in the workflow copy ``root``."""
+
+    def kind(cmd: list[str]) -> str | None:
+        pairs = set(zip(cmd, cmd[1:], strict=False))
+        return next((k for k in kinds if ("-m", k) in pairs), None)
+
     n = 0
     for p in psutil.process_iter(["cmdline", "cwd"]):
-        cmd = p.info["cmdline"] or []
-        pairs = set(zip(cmd, cmd[1:], strict=False))
-        n += any(("-m", k) in pairs for k in kinds) and p.info["cwd"] == str(root)
+        k = kind(p.info["cmdline"] or [])
+        if k is None or p.info["cwd"] != str(root):
+            continue
+        try:
+            parent = p.parent()
+            if parent is not None and kind(parent.cmdline()) == k:
+                continue
+        except psutil.Error:
+            continue
+        n += 1
     return n
 
 
 def model_weights(root: Path) -> dict[str, torch.Tensor]:
-    (path,) = root.glob("results/pbmc68k/exp/*/fold~holdout/train/model.pt")
-    return torch.load(path, weights_only=True)["model"]
+    return torch.load(root / MODEL, weights_only=True)["model"]
 
 
 def test_kill9_of_snakemake_then_rerun_resumes_to_identical_weights(make_workflow):
     ref = make_workflow("uninterrupted")
-    ref.run(configfile=ref.config("one", **ONE_POINT))
+    ref.run(MODEL, configfile=ref.config("one", **ONE_POINT))
 
     wf = make_workflow("killed")
     cfg = wf.config("one", **ONE_POINT)
     wf.run("preprocess", configfile=cfg)
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", str(cfg)]
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", MODEL, "--configfile", str(cfg)]
     log = open(wf.root / "killed.log", "w")  # noqa: SIM115 - closed below
     snake = subprocess.Popen(
         cmd, cwd=wf.root, env=activated_env(), stdout=log, stderr=subprocess.STDOUT,
@@ -75,9 +88,11 @@ def test_kill9_of_snakemake_then_rerun_resumes_to_identical_weights(make_workflo
     assert "stopping the training" in train_log.read_text()
 
     # the rerun the messages suggest: unlock, then the same command
-    locked = wf.run(configfile=cfg, check=False)
-    assert locked.returncode != 0 and "--unlock" in locked.stdout
-    wf.run("--unlock", configfile=cfg)
+    locked = subprocess.run(
+        cmd, cwd=wf.root, env=activated_env(), capture_output=True, text=True, timeout=300
+    )
+    assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
+    subprocess.run([*cmd, "--unlock"], cwd=wf.root, env=activated_env(), check=True, timeout=300)
     rerun = subprocess.Popen(
         cmd, cwd=wf.root, env=activated_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True,
@@ -103,7 +118,7 @@ def test_a_failed_training_prints_its_error_line_in_snakemakes_output(make_workf
     ckpt = wf.root / "checkpoints/pbmc68k/n_hvg~32_n_bins~11_preset~bioformer/holdout"
     ckpt.mkdir(parents=True)
     (ckpt / "last.pt").write_bytes(b"not a checkpoint")
-    proc = wf.run(configfile=cfg, check=False)
+    proc = wf.run(MODEL, configfile=cfg, check=False)
     assert proc.returncode != 0
     lines = [x for x in proc.stdout.splitlines() if x.startswith("error: ")]
     assert lines and "last.pt is corrupt" in lines[0], proc.stdout[-3000:]

@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-EXP = "results/pbmc68k/exp/n_hvg~32_n_bins~11_ln_order~pre"
+EXP = "results/pbmc68k/exp/n_hvg~32_n_bins~11_preset~bioformer"
 # the CI model's step needs ~760 KiB at micro-batch 8 on the (emulated) GPU; 0.0005 GiB x 0.9
 # = 472 KiB holds micro-batch 2 or 3
 TINY_GPU = {"gpu_mem_gib": 0.0005}
@@ -25,7 +25,7 @@ def wf(tmp_path_factory):
 
 
 def test_a_step_that_does_not_fit_stops_before_any_training(wf):
-    cfg = wf.config("tiny", memory=TINY_GPU, sweep={"n_bins": [11], "ln_order": ["pre"]})
+    cfg = wf.config("tiny", memory=TINY_GPU, sweep={"n_bins": [11], "preset": ["bioformer"]})
     proc = wf.run(configfile=cfg, check=False)
     assert proc.returncode != 0
     errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("error: ")]
@@ -41,8 +41,9 @@ def test_auto_micro_batch_trains_with_the_micro_batch_the_preflight_chose(wf):
     cfg = wf.config(
         "auto",
         memory={**TINY_GPU, "auto_micro_batch": True},
-        sweep={"n_bins": [11], "ln_order": ["pre"]},
+        sweep={"n_bins": [11], "preset": ["bioformer"]},
         split={"n_folds": 0},
+        cv={"enabled": False},
     )
     wf.run(f"{EXP}/fold~holdout/train/performance_summary.json", configfile=cfg)
     pf = json.loads((wf.root / EXP / "preflight.json").read_text())
