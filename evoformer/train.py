@@ -331,15 +331,20 @@ class CheckpointFolder:
     def load(self, expected_hash: str) -> dict[str, Any] | None:
         """``last.pt`` if it was written for this configuration. One written for another is moved
         aside to ``last.<its hash>.pt`` (kept) and None returned; a corrupt one stops the run.
-        Every rank reads; only rank 0 moves files (the others wait at a barrier)."""
+        Every rank reads, all ranks meet at a barrier, and only then does rank 0 move files (so
+        no rank reads a file another has already moved)."""
         ckpt = None
-        if self.last.exists():
+        exists = self.last.exists()
+        if exists:
             try:
                 ckpt = torch.load(self.last, map_location="cpu", weights_only=False)
             except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
                 raise InputError(
                     f"checkpoint {self.last} is corrupt ({type(e).__name__}); delete it to restart"
                 ) from e
+        if dist.is_initialized():
+            dist.barrier()
+        if exists:
             got = ckpt.get("config_hash") if isinstance(ckpt, dict) else None
             if got != expected_hash:
                 ckpt = None

@@ -184,7 +184,8 @@ def check_config():
 
 def known_cells_by_label(name):
     """Cells per label of a dataset whose files already exist and can be read (None otherwise:
-    the split-size checks wait for the split job, which reports an unreadable file itself)."""
+    the split-size checks wait for the split job, which reports an unreadable file itself).
+    """
     from collections import Counter
 
     from evoformer.data.split import cells_by_label

@@ -274,17 +274,14 @@ def _attention_bwd(
     return extra
 
 
-def _bias_padded(d: _Dims, k_len: int, strided: bool) -> int:
+def _bias_padded(d: _Dims, k_len: int) -> int:
     """Elements per bias row as the CUDA memory-efficient kernel keeps it.
 
-    SDPA re-lays out a bias whose strides are not multiples of 8 elements (or whose rows are
-    not contiguous) as ``pad(bias, 8 - K % 8)[..., :K]``. ``strided``: the bias is a
-    non-contiguous sum of a permuted pair bias and a key mask (row and starting-node triangle
-    attention), which is always re-laid out (8 extra columns even when ``K % 8 == 0``).
+    SDPA re-lays out a bias whose row stride is not a multiple of 8 elements as
+    ``pad(bias, 8 - K % 8)[..., :K]``. (:func:`evoformer.model.primitives.attention` hands the
+    kernel a bias with a unit last-dim stride; a strided one would send CUDA to the math kernel.)
     """
-    if not d.cuda:
-        return k_len
-    if strided or k_len % 8:
+    if d.cuda and k_len % 8:
         return k_len + 8 - k_len % 8
     return k_len
 
@@ -307,7 +304,7 @@ def _row_attention(d: _Dims) -> OpMemory:
     kept = _residual_in(d, d.Nm, d.cm)
     kept["pair_ln_out"] = d.Nz * d.cz * e
     kept["pair_ln_stats"] = _ln_stats(d.Nz)
-    bias = B * S * d.Hm * r * _bias_padded(d, r, True) * e
+    bias = B * S * d.Hm * r * _bias_padded(d, r) * e
     kept.update(_attention_kept(d, B * S, r, d.Hm, d.dm, bias))
     if d.spec.model.dropout_msa > 0:
         kept["dropout_mask"] = B * r * d.cm * e
@@ -349,7 +346,7 @@ def _column_attention(d: _Dims) -> OpMemory:
         kept["ln_out"] = 0  # the LayerNorm output is replaced by its transposed copy
     kept["msa_transposed"] = d.Nm * d.cm * e
     # key mask bias [B*r, H, S, S] (a broadcast view unless the kernel re-lays it out)
-    bias = B * r * d.Hm * S * _bias_padded(d, S, False) * e if S % 8 else B * r * S * e
+    bias = B * r * d.Hm * S * _bias_padded(d, S) * e if S % 8 else B * r * S * e
     kept.update(_attention_kept(d, B * r, S, d.Hm, d.dm, bias))
     kept["msa_stream"] = d.Nm * d.cm * e
     bwd = _attention_bwd(d, B * r, S, d.Hm, d.dm, d.cm, 0) + 2 * d.Nm * d.cm * e
@@ -474,7 +471,7 @@ def _tri_att(d: _Dims, name: str) -> OpMemory:
         assert k is not None
         kept["tri_bias"] = Nz * H * e
         ck = B * k
-        chunk_bias = ck * H * r * _bias_padded(d, r, True) * e
+        chunk_bias = ck * H * r * _bias_padded(d, r) * e
         chunk_kept = sum(_attention_kept(d, ck, r, H, d.dp, chunk_bias).values())
         kept["pair_stream"] = Nz * cz * e
         out = Nz * cz * e
@@ -484,7 +481,7 @@ def _tri_att(d: _Dims, name: str) -> OpMemory:
         if d.spec.model.dropout_pair > 0:
             kept["dropout_mask"] = B * r * cz * e
         return OpMemory(name, 0, kept, fwd_extra=fwd, bwd_extra=bwd + 2 * out)
-    bias = rows * H * r * _bias_padded(d, r, True) * e
+    bias = rows * H * r * _bias_padded(d, r) * e
     # the attention is over rows of r entries: B*r sequences of length r
     kept.update(_attention_kept(d, rows, r, H, d.dp, bias))
     if d.spec.model.dropout_pair > 0:

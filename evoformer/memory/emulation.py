@@ -10,7 +10,8 @@ of the same code, and :func:`cuda_emulation` closes each gap:
 2. **Attention kernels.** ``F.scaled_dot_product_attention`` picks a kernel per device: on an
    A100 with a float bias it runs the memory-efficient kernel (saves ``q, k, v, bias, out`` and a
    ``[N, H, ceil(Q/32)*32]`` fp32 log-sum-exp; the bias is re-laid out when its rows are not
-   8-aligned; the bias gradient is allocated 16-aligned), without a bias and in half precision
+   8-aligned; a bias whose last dim is strided sends CUDA to the math kernel; the bias gradient
+   is allocated 16-aligned), without a bias and in half precision
    the flash kernel; the CPU picks its own flash kernel or the math fallback (which keeps the
    ``[N, H, Q, K]`` probabilities). The context routes SDPA to the CUDA choice, calling the
    very ATen ops CUDA calls; their meta kernels give the CUDA shapes.
@@ -151,7 +152,14 @@ def cuda_sdpa(
         )
         return out[0]
     align = 8 if dt in _HALF else 4
-    if four_d and not enable_gqa and dt in (torch.float32, *_HALF) and d % align == 0:
+    unit_stride = attn_mask is None or attn_mask.stride(-1) == 1  # sdp_utils: else math on CUDA
+    if (
+        four_d
+        and not enable_gqa
+        and dt in (torch.float32, *_HALF)
+        and d % align == 0
+        and unit_stride
+    ):
         bias = attn_mask
         if bias is not None:
             if not _aligned_8(bias):  # preprocess_mask: pad the rows to 8 elements

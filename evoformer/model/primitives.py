@@ -135,6 +135,11 @@ def attention(
     Returns:
         ``[*, H, Q, d]``.
     """
+    if bias is not None and bias.stride(-1) != 1:
+        # A permuted pair bias ([*, r, r, H] -> [*, H, r, r]): CUDA's fused SDPA kernels refuse a
+        # mask whose last dim is strided and fall back to the math kernel, which keeps the
+        # [*, H, Q, K] probabilities. One contiguous copy keeps the memory-efficient kernel.
+        bias = bias.contiguous()
     key_bias = None
     if key_mask is not None:
         real = key_mask if key_mask.dtype == torch.bool else key_mask != 0
