@@ -38,6 +38,36 @@ WORKFLOW_ITEMS = (
 )
 CI_CONFIG = REPO / "tests" / "config" / "ci.yaml"
 
+# The longest test files, longest first. Under ``pytest -n N --dist loadfile`` (README's test
+# command) each file runs on one worker in collection order, so these start first and the short
+# files fill the other workers around them; the Slurm tests mostly wait on the scheduler.
+LONG_FIRST = (
+    "test_slurm.py",
+    "test_workflow_experiments.py",
+    "test_workflow_kill.py",
+    "test_workflow_preprocess.py",
+    "test_workflow_memory.py",
+    "test_train.py",
+    "test_gpu_check.py",
+    "test_memory_preflight.py",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, one intra-op thread per worker for the models tests run in-process:
+    three workers on two cores with two spinning OpenMP threads each slowed such tests ~10x.
+    (Subprocess trainings set their own threads.)"""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the long files first (a stable sort: the order within a file is kept)."""
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))
+
 
 def deep_update(base: dict, updates: Mapping[str, Any]) -> dict:
     """A copy of ``base`` with ``updates`` merged in recursively."""

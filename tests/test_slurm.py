@@ -192,7 +192,7 @@ def wait_for(what, predicate, timeout, proc=None, workdir=None):
 
 
 def slurm_job(job_id: str) -> dict[str, str]:
-    """`scontrol show job -d` as a dict (jobs stay visible for MinJobAge = 300 s)."""
+    """`scontrol show job -d` as a dict (jobs stay visible for MinJobAge = 3600 s)."""
     out = subprocess.run(
         ["scontrol", "show", "job", "-d", "--oneliner", job_id],
         capture_output=True,

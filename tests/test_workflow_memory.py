@@ -54,7 +54,9 @@ def test_auto_micro_batch_trains_with_the_micro_batch_the_preflight_chose(wf):
     )
     train = summary["config"]["train"]
     assert train["micro_batch_size"] == pf["micro_batch_size"]
-    # the global batch is kept: 2 processes x micro-batch x accumulation
-    assert 2 * train["micro_batch_size"] * summary["grad_accumulation"] == 16
+    # the global batch is kept: processes x micro-batch x accumulation
+    info = json.loads((wf.root / EXP / "fold~holdout/train/run_info.json").read_text())
+    world = info["world_size"]
+    assert world * train["micro_batch_size"] * summary["grad_accumulation"] == 16
     metrics = pd.read_csv(wf.root / EXP / "fold~holdout/train/metrics.tsv", sep="\t")
     assert metrics["loss"].dropna().size > 0

@@ -15,17 +15,39 @@ Public API::
 Command line: ``python -m evoformer.memory --help``.
 """
 
-from evoformer.memory.analytical import estimate, journal_rows, journal_table_markdown
-from evoformer.memory.measured import (
-    measure_cpu_peak,
-    measure_cuda_peak,
-    measure_step,
-    record_cpu_peak,
-)
-from evoformer.memory.preflight import PreflightResult, preflight
-from evoformer.memory.report import memory_table, memory_table_from_json, report
-from evoformer.memory.spec import StepSpec, data_shape, data_shape_from_meta, spec_from_config
-from evoformer.memory.traced import trace_step
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Imported on first use (PEP 562): the traced estimate pulls in torch.distributed._tools
+# (~1.5 s), which the trainer, importing only ``measured``, should not pay at every start.
+_WHERE = {
+    "estimate": "analytical",
+    "journal_rows": "analytical",
+    "journal_table_markdown": "analytical",
+    "measure_cpu_peak": "measured",
+    "measure_cuda_peak": "measured",
+    "measure_step": "measured",
+    "record_cpu_peak": "measured",
+    "PreflightResult": "preflight",
+    "preflight": "preflight",
+    "memory_table": "report",
+    "memory_table_from_json": "report",
+    "report": "report",
+    "StepSpec": "spec",
+    "data_shape": "spec",
+    "data_shape_from_meta": "spec",
+    "spec_from_config": "spec",
+    "trace_step": "traced",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+
 
 __all__ = [
     "PreflightResult",

@@ -86,7 +86,9 @@ class ModelConfig:
             has its own ``z``).
         chunk_size: rows per chunk for the outer product mean, triangle attention, triangle
             multiplication (channels) and pair transition; ``None`` = no chunking. Valid in
-            training: chunks are recomputed in backward so only one chunk's intermediates live.
+            training: the triangle ops' and the transition's chunks are recomputed in backward
+            so only one chunk's intermediates live; the outer product mean's chunks keep only
+            views of their inputs, so they need no recomputation.
         blocks_per_ckpt: blocks per activation checkpoint in training; ``None`` = off.
         column_attention, tri_mul_out, tri_mul_in, tri_att_start, tri_att_end, pair_transition:
             op switches; ``None`` = the preset's value.

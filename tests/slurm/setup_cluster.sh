@@ -177,9 +177,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SlurmdParameters=config_overrides
 ReturnToService=2
-# squeue keeps finished jobs for MinJobAge s: >= 3 x the plugin's first status check
+# squeue and scontrol keep finished jobs for MinJobAge s: >= 3 x the plugin's first status check
 # interval, so the profile setting slurm-status-command: squeue works without accounting.
-MinJobAge=300
+MinJobAge=3600
 KillWait=5
 InactiveLimit=0
 SchedulerType=sched/backfill
