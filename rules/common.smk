@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jsonschema
 
+from evoformer.data.arrays import BINNED_FILES
 from evoformer.data.planted import resolve_planted_params
 from evoformer.errors import InputError
 from evoformer.memory.spec import MEMORY_TRAIN_KEYS
@@ -18,15 +19,6 @@ from evoformer.memory.spec import MEMORY_TRAIN_KEYS
 PBMC68K_PATH = "resources/pbmc68k.h5ad"
 SYNTHETIC_DIR = "resources/synthetic"
 PLANTED_DIR = "resources/planted"
-BINNED_FILES = (
-    "values.npy",
-    "gene_index.npy",
-    "edges.npy",
-    "expression.npy",
-    "cells.tsv",
-    "genes.tsv",
-    "meta.json",
-)
 
 
 def canonical(obj):
