@@ -127,6 +127,12 @@ def test_cuda_emulation_autocast_policy_and_kernels():
         with Spy():
             F.scaled_dot_product_attention(q, q, q)
         assert any("_scaled_dot_product_flash_attention" in s for s in seen)
+        seen.clear()
+        strided = torch.randn(2, 64, 64, 4).movedim(-1, 1)  # a permuted pair bias
+        with Spy():  # CUDA's fused kernels refuse a mask with a strided last dim
+            F.scaled_dot_product_attention(q, q, q, attn_mask=strided)
+        assert any("_safe_softmax" in s for s in seen)  # the math kernel's decomposition
+        assert not any("efficient" in s for s in seen)
     with FakeTensorMode(), torch.autocast("cpu", dtype=torch.bfloat16):
         # plain CPU autocast keeps softmax in bf16: the difference the emulation corrects
         assert torch.softmax(torch.randn(4, 8).bfloat16(), -1).dtype == torch.bfloat16

@@ -257,6 +257,27 @@ def test_attention_with_fully_masked_sequences_fp32(monkeypatch, sdpa):
             torch.testing.assert_close(ours.double(), theirs, atol=1e-5, rtol=1e-5)
 
 
+def test_sdpa_gets_a_bias_with_a_unit_last_dim_stride(monkeypatch):
+    """The row attention's pair bias is permuted ([*, r, r, H] -> [*, H, r, r]); SDPA must get
+    it with stride 1 in the last dim, or CUDA runs the math kernel (seen on an H200)."""
+    monkeypatch.setattr(primitives, "_use_math_kernel", lambda q: False)
+    strides = []
+    sdpa = primitives.F.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kw):
+        strides.append(attn_mask.stride(-1))
+        return sdpa(*args, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(primitives.F, "scaled_dot_product_attention", spy)
+    row = _module32(MSARowAttentionWithPairBias, C_M, C_Z, 4, 3)
+    m, z = _f32(B, 1, R, C_M, seed=1), _f32(B, R, R, C_Z, seed=2)
+    padded = torch.ones(B, 1, R)
+    padded[0, :, -2:] = 0
+    for mask in (torch.ones(B, 1, R), padded):
+        row(m, z, mask)
+    assert strides == [1, 1]
+
+
 def _assert_close32(a, b) -> None:
     assert_same(a, b, atol=2e-4, rtol=2e-4)
 

@@ -135,11 +135,6 @@ def attention(
     Returns:
         ``[*, H, Q, d]``.
     """
-    if bias is not None and bias.stride(-1) != 1:
-        # A permuted pair bias ([*, r, r, H] -> [*, H, r, r]): CUDA's fused SDPA kernels refuse a
-        # mask whose last dim is strided and fall back to the math kernel, which keeps the
-        # [*, H, Q, K] probabilities. One contiguous copy keeps the memory-efficient kernel.
-        bias = bias.contiguous()
     key_bias = None
     if key_mask is not None:
         real = key_mask if key_mask.dtype == torch.bool else key_mask != 0
@@ -155,6 +150,11 @@ def attention(
         if key_bias is not None:
             logits = logits.add_(key_bias)
         return torch.matmul(torch.softmax(logits, -1), v)
+    if bias is not None and bias.stride(-1) != 1:
+        # A permuted pair bias ([*, r, r, H] -> [*, H, r, r]): CUDA's fused SDPA kernels refuse a
+        # mask whose last dim is strided and fall back to the math kernel, which keeps the
+        # [*, H, Q, K] probabilities. One contiguous copy keeps the memory-efficient kernel.
+        bias = bias.contiguous()
     if key_bias is not None:
         bias = key_bias if bias is None else bias.to(q.dtype) + key_bias
     batch = q.shape[:-3]
