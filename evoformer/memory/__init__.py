@@ -49,22 +49,4 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
 
 
-__all__ = [
-    "PreflightResult",
-    "StepSpec",
-    "data_shape",
-    "data_shape_from_meta",
-    "estimate",
-    "journal_rows",
-    "journal_table_markdown",
-    "measure_cpu_peak",
-    "measure_cuda_peak",
-    "measure_step",
-    "memory_table",
-    "memory_table_from_json",
-    "preflight",
-    "record_cpu_peak",
-    "report",
-    "spec_from_config",
-    "trace_step",
-]
+__all__ = sorted(_WHERE)
