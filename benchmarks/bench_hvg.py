@@ -16,8 +16,14 @@ scanpy in memory on it (:func:`select_hvg_in_memory` after ``load_expression``, 
 ``hvg`` rule) and the streamed ``hvg`` on the same file, for the memory ratio. Every
 file is written under ``--workdir`` and deleted at the end (``--keep`` keeps them).
 
-    python benchmarks/bench_hvg.py --cells 1000000 --genes 20000 --reference-cells 100000 \\
-        --workdir /tmp/bench_hvg
+    python benchmarks/bench_hvg.py --cells 10000 100000 1000000 --genes 20000 \\
+        --flavor seurat_v3 --reference-cells 200000 --workdir /tmp/bench_hvg \\
+        --update-benchmarks BENCHMARKS.md
+
+Several ``--cells`` run the chain once each (the files of one are removed before the next).
+For each stage it prints the rule's memory request for that input
+(:mod:`evoformer.data.resources`) beside the measured peak, and the size of every output
+file; ``--update-benchmarks`` regenerates BENCHMARKS.md's atlas section from the run.
 
 Synthetic data: 8 cell types, each with its own gene-usage profile (log-normal gene
 weights, 10% of genes re-weighted per type); a cell's expressed genes are drawn from its
@@ -150,7 +156,7 @@ def stage(name: str, args: argparse.Namespace) -> None:
 def _stage(name: str, args: argparse.Namespace, work: Path) -> None:
     if name in ("write", "write_reference"):
         reference = name == "write_reference"
-        cells = args.reference_cells if reference else args.cells
+        cells = args.cells_now
         path = work / ("reference.h5ad" if reference else "counts.h5ad")
         info = write_counts_h5ad(path, cells, args.genes, args.density, seed=int(reference))
         (work / f"{name}.json").write_text(json.dumps(info))
@@ -191,9 +197,9 @@ def _stage(name: str, args: argparse.Namespace, work: Path) -> None:
         raise SystemExit(f"unknown stage {name}")
 
 
-def measure(name: str, args: argparse.Namespace) -> dict:
+def measure(name: str, args: argparse.Namespace, cells: int) -> dict:
     """Run ``stage(name)`` in a child process: wall time (s) and its peak RSS (GiB)."""
-    cmd = [sys.executable, __file__, "--stage", name, *sys.argv[1:]]
+    cmd = [sys.executable, __file__, "--stage", name, "--cells-now", str(cells), *_passed(args)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -202,6 +208,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         raise SystemExit(f"stage {name} failed ({os.waitstatus_to_exitcode(status)})")
     rss = int((Path(args.workdir) / f"{name}.rss").read_text())
     result = {
+        "cells": cells,
         "stage": name,
         "wall_s": round(wall, 1),
         "peak_rss_gib": rss / 2**30,
@@ -211,9 +218,197 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def _passed(args: argparse.Namespace) -> list[str]:
+    """The options a stage process needs (everything but the list of cell counts)."""
+    return [
+        f"--genes={args.genes}",
+        f"--density={args.density}",
+        f"--n-hvg={args.n_hvg}",
+        f"--n-bins={args.n_bins}",
+        f"--flavor={args.flavor}",
+        f"--reference-cells={args.reference_cells}",
+        f"--workdir={args.workdir}",
+    ]
+
+
+# Each stage's input, for its resource request (evoformer.data.resources): what the rule
+# hands Snakemake as input.
+STAGE_INPUT = {"hvg": "counts.h5ad", "bin": "hvg/hvg.h5ad", "split": "counts.h5ad"}
+
+
+def output_sizes(work: Path) -> dict[str, int]:
+    """Bytes of every file the chain wrote (hvg/, bins/, split.tsv), by relative path."""
+    files = [*sorted((work / "hvg").iterdir()), *sorted((work / "bins").iterdir())]
+    files.append(work / "split.tsv")
+    return {str(p.relative_to(work)): p.stat().st_size for p in files}
+
+
+def run_chain(args: argparse.Namespace, cells: int) -> dict:
+    """Write a ``cells`` x genes file, run hvg -> bin -> split on it, measure each stage, its
+    resource request and every output's size; the stage outputs are removed afterwards."""
+    from evoformer.data import resources
+
+    work = Path(args.workdir)
+    written = measure("write", args, cells)
+    info = json.loads((work / "write.json").read_text())
+    print(
+        f"wrote {cells} x {args.genes}: {info['density']:.2%} non-zero, "
+        f"{info['bytes'] / 2**30:.2f} GiB in {written['wall_s']:.0f} s",
+        flush=True,
+    )
+    stages = []
+    for name in ("hvg", "bin", "split"):
+        r = measure(name, args, cells)
+        input_mb = (work / STAGE_INPUT[name]).stat().st_size / 2**20
+        r["input_mb"] = input_mb
+        r["requested_mb"] = resources.mem_mb(name, input_mb)
+        r["requested_min"] = resources.runtime_min(name, input_mb)
+        r["margin"] = r["requested_mb"] / (r["peak_rss_gib"] * 1024)
+        stages.append(r)
+    sizes = output_sizes(work)
+    meta = json.loads((work / "bins/meta.json").read_text())
+    print(json.dumps({"cells": cells, "output_bytes": sizes}), flush=True)
+    for path in ("hvg", "bins", "split.tsv", "counts.h5ad"):
+        target = work / path
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return {"cells": cells, "info": info, "stages": stages, "sizes": sizes, "meta": meta}
+
+
+def reference(args: argparse.Namespace) -> dict:
+    """Streamed vs scanpy in memory on a ``--reference-cells`` file."""
+    work = Path(args.workdir)
+    measure("write_reference", args, args.reference_cells)
+    info = json.loads((work / "write_reference.json").read_text())
+    pair = [
+        measure(name, args, args.reference_cells)
+        for name in ("hvg_ref_streamed", "hvg_ref_in_memory")
+    ]
+    streamed = pd.read_csv(work / "hvg_ref/genes.tsv", sep="\t", index_col=0)
+    in_memory = pd.read_csv(work / "genes_in_memory.tsv", sep="\t", index_col=0)
+    same = streamed.highly_variable.equals(in_memory.highly_variable) and (
+        streamed.hvg_rank.equals(in_memory.hvg_rank)
+    )
+    return {"cells": args.reference_cells, "info": info, "stages": pair, "same": same}
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _size(n: float) -> str:
+    """Bytes in the largest unit that keeps at least one whole digit."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def markdown(args: argparse.Namespace, chains: list[dict], ref: dict | None) -> str:
+    """The BENCHMARKS.md section, written from this run's figures only."""
+    import numba
+    import scanpy
+
+    command = "python benchmarks/bench_hvg.py " + " ".join(sys.argv[1:])
+    lines = [
+        "<!-- bench_hvg:start -->",
+        "### Atlas-scale preprocessing: streamed HVG selection -> binning -> split (CPU)",
+        "",
+        "Generated by the command below (`--update-benchmarks` rewrites this section; do not edit",
+        f"it by hand). Commit {_commit()}; {platform.machine()}, {os.cpu_count()} cores shared with "
+        f"other jobs, Python {platform.python_version()}, scanpy {scanpy.__version__}, "
+        f"numba {numba.__version__}.",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "Data: synthetic counts written chunk by chunk (never held whole), 8 cell types with "
+        f"their own gene profiles, {args.genes:,} genes. Each stage runs in its own process; peak "
+        "RSS is that process's `VmHWM`. Stages: `hvg` = `run_hvg` (streamed; flavor "
+        f"{args.flavor}, n_hvg {args.n_hvg}, min_cells_per_gene 3), `bin` = `bin_h5ad` "
+        f"({args.n_bins} bins, include_zero_genes, 2 threads), `split` = `run_split` "
+        "(stratified, 5 folds). *Requested* is the rule's memory request for that input "
+        "(`evoformer.data.resources`, first attempt); *margin* = requested / measured peak.",
+        "",
+        "| cells | non-zero | input | stage | wall | peak RSS | requested | margin |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in chains:
+        for r in c["stages"]:
+            lines.append(
+                f"| {c['cells']:,} | {c['info']['density']:.1%} | {_gib(c['info']['bytes'])} "
+                f"| {r['stage']} | {r['wall_s']:.0f} s | {r['peak_rss_gib']:.2f} GiB "
+                f"| {r['requested_mb'] / 1024:.2f} GiB | {r['margin']:.1f}x |"
+            )
+    lines += ["", "Whole chain (largest stage peak, summed wall time):", ""]
+    for c in chains:
+        peak = max(r["peak_rss_gib"] for r in c["stages"])
+        wall = sum(r["wall_s"] for r in c["stages"])
+        lines.append(f"- {c['cells']:,} cells: peak RSS **{peak:.2f} GiB**, {wall:.0f} s")
+    names = sorted({name for c in chains for name in c["sizes"]})
+    lines += [
+        "",
+        "Outputs (bytes are deterministic for a given input; `values.npy` = the bins [N, L]):",
+        "",
+        "| file | " + " | ".join(f"{c['cells']:,} cells" for c in chains) + " |",
+        "|---|" + "---|" * len(chains),
+    ]
+    for name in names:
+        row = [_size(c["sizes"][name]) if name in c["sizes"] else "-" for c in chains]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    binned = [
+        sum(v for k, v in c["sizes"].items() if k.startswith("bins/"))
+        / c["sizes"]["bins/values.npy"]
+        for c in chains
+    ]
+    lines += [
+        "| binned outputs / values.npy | " + " | ".join(f"{b:.2f}x" for b in binned) + " |",
+    ]
+    if ref is not None:
+        lines += [
+            "",
+            f"Streamed vs scanpy in memory (`load_expression` + `select_hvg_in_memory`, the old "
+            f"`hvg` rule; same settings) on a {ref['cells']:,} x {args.genes:,} file "
+            f"({ref['info']['density']:.1%} non-zero, {_gib(ref['info']['bytes'])}); same genes "
+            f"and ranks: {'yes' if ref['same'] else '**no**'}.",
+            "",
+            "| stage | wall | peak RSS |",
+            "|---|---|---|",
+        ]
+        for r in ref["stages"]:
+            lines.append(f"| {r['stage']} | {r['wall_s']:.0f} s | {r['peak_rss_gib']:.2f} GiB |")
+    lines.append("<!-- bench_hvg:end -->")
+    return "\n".join(lines) + "\n"
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout.strip()
+        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def update_section(path: Path, section: str) -> None:
+    """Replace the ``bench_hvg`` block of ``path`` (BENCHMARKS.md) with ``section``."""
+    from evoformer.io import write_text_atomic
+
+    text = path.read_text()
+    begin, end = "<!-- bench_hvg:start -->", "<!-- bench_hvg:end -->\n"
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path}: no {begin} ... {end.strip()} block to replace")
+    head, rest = text.split(begin, 1)
+    write_text_atomic(path, head + section + rest.split(end, 1)[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cells", type=int, default=100_000)
+    parser.add_argument("--cells", type=int, nargs="+", default=[100_000])
     parser.add_argument("--genes", type=int, default=20_000)
     parser.add_argument("--density", type=float, default=0.07)
     parser.add_argument("--n-hvg", type=int, default=2000)
@@ -221,63 +416,29 @@ def main() -> None:
     parser.add_argument("--flavor", default="seurat")
     parser.add_argument("--reference-cells", type=int, default=0)
     parser.add_argument("--workdir", default="/tmp/bench_hvg")
+    parser.add_argument("--update-benchmarks", type=Path, default=None, metavar="BENCHMARKS.md")
+    parser.add_argument("--json", type=Path, default=None, help="write all figures as JSON")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cells-now", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:
         stage(args.stage, args)
         return
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    rows = []
     try:
-        written = measure("write", args)
-        info = json.loads((work / "write.json").read_text())
-        print(
-            f"wrote {args.cells} x {args.genes}: {info['density']:.2%} non-zero, "
-            f"{info['bytes'] / 2**30:.2f} GiB in {written['wall_s']:.0f} s",
-            flush=True,
-        )
-        chain = [measure(name, args) for name in ("hvg", "bin", "split")]
-        rows.append((args.cells, info, chain))
-        sizes = {
-            "hvg.h5ad": (work / "hvg/hvg.h5ad").stat().st_size,
-            "bins/": sum(p.stat().st_size for p in (work / "bins").iterdir()),
-        }
-        print(json.dumps({"output_bytes": sizes}), flush=True)
-        if args.reference_cells:
-            measure("write_reference", args)
-            ref = json.loads((work / "write_reference.json").read_text())
-            pair = [measure(name, args) for name in ("hvg_ref_streamed", "hvg_ref_in_memory")]
-            streamed = pd.read_csv(work / "hvg_ref/genes.tsv", sep="\t", index_col=0)
-            in_memory = pd.read_csv(work / "genes_in_memory.tsv", sep="\t", index_col=0)
-            same = streamed.highly_variable.equals(in_memory.highly_variable) and (
-                streamed.hvg_rank.equals(in_memory.hvg_rank)
-            )
-            rows.append((args.reference_cells, ref, pair, same))
+        chains = [run_chain(args, cells) for cells in args.cells]
+        ref = reference(args) if args.reference_cells else None
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-
-    print(
-        f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    )
-    print("\n| data | non-zero | file | stage | wall | peak RSS |")
-    print("|---|---|---|---|---|---|")
-    for cells, info, results, *same in rows:
-        for r in results:
-            print(
-                f"| {cells:,} x {args.genes:,} | {info['density']:.1%} | "
-                f"{info['bytes'] / 2**30:.1f} GiB | {r['stage']} | {r['wall_s']:.0f} s | "
-                f"{r['peak_rss_gib']:.2f} GiB |"
-            )
-        if same:
-            print(f"\nstreamed vs in-memory at {cells:,} cells: same genes and ranks: {same[0]}")
-    print("outputs: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sizes.items()))
-    chain = rows[0][2]
-    print(
-        f"\nwhole chain: {sum(r['wall_s'] for r in chain):.0f} s, peak RSS {max(r['peak_rss_gib'] for r in chain):.2f} GiB"
-    )
+    section = markdown(args, chains, ref)
+    print("\n" + section)
+    if args.json:
+        args.json.write_text(json.dumps({"chains": chains, "reference": ref}, indent=1) + "\n")
+    if args.update_benchmarks:
+        update_section(args.update_benchmarks, section)
 
 
 if __name__ == "__main__":

@@ -803,9 +803,10 @@ def item_sdpa(ctx: Context, partial: Callable[[dict], None]) -> dict[str, Any]:
 def write_binned(folder: Path, n_cells: int, n_genes: int, n_bins: int, seed: int = 0) -> None:
     """A binned folder as ``evoformer.data.binning.bin_h5ad`` writes it (include_zero_genes):
     values.npy [N, G] bins, gene_index.npy [1, G], edges.npy [N, n_bins-1] float32,
-    expression.npy [N, G] float32, cells.tsv (cell_id, label), genes.tsv (gene_id), meta.json."""
+    the token expression (evoformer.data.arrays.write_token_expression), cells.tsv (cell_id, label), genes.tsv (gene_id), meta.json."""
     import pandas as pd
 
+    from evoformer.data.arrays import write_token_expression
     from evoformer.io import atomic_path, write_text_atomic
 
     rng = np.random.default_rng(seed)
@@ -822,10 +823,10 @@ def write_binned(folder: Path, n_cells: int, n_genes: int, n_bins: int, seed: in
         ("values.npy", values),
         ("gene_index.npy", np.arange(n_genes, dtype=gdtype)[None, :]),
         ("edges.npy", edges),
-        ("expression.npy", expression.astype(np.float32)),
     ):
         with atomic_path(folder / name) as tmp:
             np.save(tmp, arr)
+    write_token_expression(folder, expression)
     cells = pd.DataFrame(
         {
             "cell_id": [f"cell{i:05d}" for i in range(n_cells)],

@@ -6,9 +6,11 @@ import contextlib
 import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -61,3 +63,33 @@ def save_torch_atomic(obj: Any, path: str | os.PathLike) -> None:
     torch.save(obj, buf)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())
+
+
+@contextlib.contextmanager
+def npy_rows_writer(
+    path: str | os.PathLike, shape: tuple[int, ...], dtype: Any
+) -> Iterator[Callable[[np.ndarray], None]]:
+    """Write the ``.npy`` file ``path`` of ``shape`` and ``dtype`` block by block, in order.
+
+    Yields ``write(block)``: ``block`` [n, *shape[1:]] holds the next ``n`` rows. The file is
+    written through a plain file handle, not a memory map, so the writing process holds one
+    block, not the file's pages, and the bytes equal ``np.save`` of the whole array. The
+    file appears atomically when every row has been written; fewer or more rows raise.
+    """
+    dtype = np.dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    written = 0
+
+    def write(block: np.ndarray) -> None:
+        nonlocal written
+        block = np.ascontiguousarray(block, dtype=dtype)
+        if block.shape[1:] != tuple(shape[1:]) or written + len(block) > shape[0]:
+            raise ValueError(f"{path}: block {block.shape} does not continue {shape}")
+        block.tofile(f)
+        written += len(block)
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        yield write
+        if written != shape[0]:
+            raise ValueError(f"{path}: {written} of {shape[0]} rows written")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jsonschema
 
+from evoformer.data import resources as data_resources
 from evoformer.data.arrays import BINNED_FILES
 from evoformer.data.planted import resolve_planted_params
 from evoformer.errors import InputError

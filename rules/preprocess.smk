@@ -2,12 +2,9 @@
 # Each rule gets only the config slice it uses as params; the work is done by the
 # evoformer package (evoformer/data), called from thin workflow_scripts.
 # The data steps size their cluster resources from their input (all files of a multi-file
-# dataset): base + per GiB of input, times the attempt (a retry after an out-of-memory or
-# time-out kill asks for more), at least 2000 MB and 10 minutes, so an atlas does not die
-# at the profile's defaults. Measured (benchmarks/bench_hvg.py, BENCHMARKS.md) on an 8.7 GiB
-# file of 1M cells x 20k genes: hvg (streamed) 0.7 GiB peak, 0.2-0.4 min per GiB; bin
-# 2.4 GiB peak for a 0.66 GiB hvg.h5ad (mostly its memory-mapped [N, n_hvg] output, so
-# 4 MB per MB of a sparse HVG matrix); split 0.5 GiB. The formulas leave a margin of ~1.5-5x.
+# dataset), times the attempt (a retry after an out-of-memory or time-out kill asks for
+# more): evoformer.data.resources holds the formulas, checked against measured peaks at
+# 10k, 100k and 1M cells by benchmarks/bench_hvg.py (BENCHMARKS.md states the margins).
 
 
 wildcard_constraints:
@@ -75,12 +72,8 @@ rule hvg:
     conda:
         "../envs/workflow.yaml"
     resources:
-        mem_mb=lambda wc, input, attempt: int(
-            max(2000, 1500 + 100 * input.size_mb / 1024) * attempt
-        ),
-        runtime=lambda wc, input, attempt: int(
-            max(10, 2 * input.size_mb / 1024) * attempt
-        ),
+        mem_mb=lambda wc, input, attempt: data_resources.mem_mb("hvg", input.size_mb, attempt),
+        runtime=lambda wc, input, attempt: data_resources.runtime_min("hvg", input.size_mb, attempt),
     params:
         dataset=lambda wc: expression_config(wc.dataset),
         hvg=hvg_config(),
@@ -95,7 +88,9 @@ rule bin:
         values="results/{dataset}/hvg{n_hvg}/bins{n_bins}/values.npy",
         gene_index="results/{dataset}/hvg{n_hvg}/bins{n_bins}/gene_index.npy",
         edges="results/{dataset}/hvg{n_hvg}/bins{n_bins}/edges.npy",
-        expression="results/{dataset}/hvg{n_hvg}/bins{n_bins}/expression.npy",
+        expression_indptr="results/{dataset}/hvg{n_hvg}/bins{n_bins}/expression_indptr.npy",
+        expression_slot="results/{dataset}/hvg{n_hvg}/bins{n_bins}/expression_slot.npy",
+        expression_data="results/{dataset}/hvg{n_hvg}/bins{n_bins}/expression_data.npy",
         cells="results/{dataset}/hvg{n_hvg}/bins{n_bins}/cells.tsv",
         genes="results/{dataset}/hvg{n_hvg}/bins{n_bins}/genes.tsv",
         meta="results/{dataset}/hvg{n_hvg}/bins{n_bins}/meta.json",
@@ -107,12 +102,8 @@ rule bin:
         "../envs/workflow.yaml"
     threads: 4
     resources:
-        mem_mb=lambda wc, input, attempt: int(
-            max(2000, 1000 + 4 * input.size_mb) * attempt
-        ),
-        runtime=lambda wc, input, attempt: int(
-            max(10, 2 * input.size_mb / 1024) * attempt
-        ),
+        mem_mb=lambda wc, input, attempt: data_resources.mem_mb("bin", input.size_mb, attempt),
+        runtime=lambda wc, input, attempt: data_resources.runtime_min("bin", input.size_mb, attempt),
     params:
         binning=binning_config(),
     script:
@@ -131,12 +122,8 @@ rule split:
     conda:
         "../envs/workflow.yaml"
     resources:
-        mem_mb=lambda wc, input, attempt: int(
-            max(2000, 1000 + 20 * input.size_mb / 1024) * attempt
-        ),
-        runtime=lambda wc, input, attempt: int(
-            max(10, 0.5 * input.size_mb / 1024) * attempt
-        ),
+        mem_mb=lambda wc, input, attempt: data_resources.mem_mb("split", input.size_mb, attempt),
+        runtime=lambda wc, input, attempt: data_resources.runtime_min("split", input.size_mb, attempt),
     params:
         label_key=lambda wc: dataset_entry(wc.dataset)["label_key"],
         split=split_config(),

@@ -242,7 +242,9 @@ def test_bin_h5ad_writes_the_contract(tmp_path, expression, include_zero_genes, 
             "values.npy",
             "gene_index.npy",
             "edges.npy",
-            "expression.npy",
+            "expression_indptr.npy",
+            "expression_slot.npy",
+            "expression_data.npy",
             "cells.tsv",
             "genes.tsv",
             "meta.json",
@@ -259,7 +261,7 @@ def test_bin_h5ad_writes_the_contract(tmp_path, expression, include_zero_genes, 
     ref_bins, ref_edges = reference_binning(expression, 11, 4)
     assert np.array_equal(data.edges, ref_edges.astype(np.float32))
     genes, values = data.tokens(np.arange(n))
-    # expression.npy: each token's log1p value (what expression-space metrics score against)
+    # the token expression: each token's log1p value (what expression-space metrics score against)
     dense = expression.toarray()
     expr = np.where(genes >= 0, dense[np.arange(n)[:, None], np.maximum(genes, 0)], 0)
     assert data.expression.dtype == np.float32 and np.array_equal(data.expression, expr)

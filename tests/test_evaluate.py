@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from evoformer.data.arrays import BinnedData
+from evoformer.data.arrays import BinnedData, write_token_expression
 from evoformer.errors import InputError
 from evoformer.evaluate import (
     GeneBaseline,
@@ -50,7 +50,7 @@ def write_binned(
     x: np.ndarray,
 ) -> Path:
     """A binned folder in the format of ``evoformer.data.binning.bin_h5ad``; ``x [n, G]`` is the
-    log1p expression behind the bins (expression.npy, and per-cell quantile edges)."""
+    log1p expression behind the bins (the token expression, and per-cell quantile edges)."""
     folder.mkdir(parents=True)
     n, length = values.shape
     np.save(folder / "values.npy", values.astype(np.uint8))
@@ -63,7 +63,7 @@ def write_binned(
     np.save(folder / "edges.npy", edges)
     genes = np.broadcast_to(gene_index, values.shape)
     expr = np.where(genes >= 0, x[np.arange(n)[:, None], np.maximum(genes, 0)], 0.0)
-    np.save(folder / "expression.npy", expr.astype(np.float32))
+    write_token_expression(folder, expr)
     cells.to_csv(folder / "cells.tsv", sep="\t", index=False)
     pd.DataFrame({"gene_id": [f"g{i}" for i in range(N_GENES)]}).to_csv(
         folder / "genes.tsv", sep="\t", index=False

@@ -54,9 +54,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from evoformer.data.arrays import slot_dtype
 from evoformer.data.datasets import read_h5_elem
 from evoformer.errors import InputError
-from evoformer.io import atomic_path, write_text_atomic
+from evoformer.io import atomic_path, npy_rows_writer, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -658,8 +659,10 @@ def bin_h5ad(
     ``gene_index.npy`` [N, L] gene index per token, -1 = padding (include_zero_genes
     false: each cell's non-zero genes in gene order, L = most non-zeros in a cell),
     or [1, G] (include_zero_genes true: L = G, every cell has every gene);
-    ``edges.npy`` [N, n_bins-1] float32; ``expression.npy`` [N, L] float32, the log1p value
-    of each token (0 for zeros and padding; what expression-space metrics score against);
+    ``edges.npy`` [N, n_bins-1] float32; ``expression_{indptr,slot,data}.npy``, the log1p
+    value of each token (0 for zeros and padding; what expression-space metrics score against)
+    as a CSR over the token grid (:class:`evoformer.data.arrays.TokenExpression`: the HVG
+    matrix's stored values at their token positions, exact float32);
     ``cells.tsv`` (cell_id[, label]);
     ``genes.tsv`` (gene_id); ``meta.json``. Each file is written atomically.
     Returns the meta.json content.
@@ -685,21 +688,26 @@ def bin_h5ad(
         max_len = n_genes if include_zero_genes else int(per_cell.max())
         rng = np.random.RandomState(seed) if tie_mode == "random" else None
         out_dir.mkdir(parents=True, exist_ok=True)
+        index_shape = (1, n_genes) if include_zero_genes else (n_cells, max_len)
+        nnz = int(indptr[-1])
+        sdtype = slot_dtype(max_len)
+        # Each output is written block by block through a file handle (npy_rows_writer), so the
+        # process holds one chunk, not the outputs' pages; all appear together at the end.
         with contextlib.ExitStack() as stack:
-            tmp_values = stack.enter_context(atomic_path(out_dir / "values.npy"))
-            tmp_index = stack.enter_context(atomic_path(out_dir / "gene_index.npy"))
-            tmp_edges = stack.enter_context(atomic_path(out_dir / "edges.npy"))
-            tmp_expr = stack.enter_context(atomic_path(out_dir / "expression.npy"))
-            open_memmap = np.lib.format.open_memmap
-            values = open_memmap(tmp_values, mode="w+", dtype=vdtype, shape=(n_cells, max_len))
-            expression = open_memmap(
-                tmp_expr, mode="w+", dtype=np.float32, shape=(n_cells, max_len)
-            )
-            edges = open_memmap(tmp_edges, mode="w+", dtype=np.float32, shape=(n_cells, n_bins - 1))
-            index_shape = (1, n_genes) if include_zero_genes else (n_cells, max_len)
-            gene_index = open_memmap(tmp_index, mode="w+", dtype=gdtype, shape=index_shape)
+            out = {
+                name: stack.enter_context(npy_rows_writer(out_dir / name, shape, dtype))
+                for name, shape, dtype in (
+                    ("values.npy", (n_cells, max_len), vdtype),
+                    ("gene_index.npy", index_shape, gdtype),
+                    ("edges.npy", (n_cells, n_bins - 1), np.float32),
+                    ("expression_indptr.npy", (n_cells + 1,), np.int64),
+                    ("expression_slot.npy", (nnz,), sdtype),
+                    ("expression_data.npy", (nnz,), np.float32),
+                )
+            }
+            out["expression_indptr.npy"](indptr)
             if include_zero_genes:
-                gene_index[0] = np.arange(n_genes)
+                out["gene_index.npy"](np.arange(n_genes)[None, :])
             for start, stop in _chunks(indptr, max_len):
                 block = _read_csr_rows(group, indptr, start, stop, n_genes)
                 if block.nnz and (not np.isfinite(block.data).all() or block.data.min() < 0):
@@ -707,7 +715,7 @@ def bin_h5ad(
                         f"{hvg_path}: X has negative or non-finite values (cells {start}..{stop - 1})"
                     )
                 bins, cell_edges = bin_csr_rows(block, n_bins, tie_mode, rng, n_threads=n_threads)
-                edges[start:stop] = cell_edges
+                out["edges.npy"](cell_edges)
                 rows = np.repeat(np.arange(stop - start), np.diff(block.indptr))
                 cols = (
                     block.indices
@@ -716,18 +724,14 @@ def bin_h5ad(
                 )
                 chunk = np.zeros((stop - start, max_len), dtype=vdtype)
                 chunk[rows, cols] = bins
-                values[start:stop] = chunk
-                chunk_expr = np.zeros((stop - start, max_len), dtype=np.float32)
-                chunk_expr[rows, cols] = block.data
-                expression[start:stop] = chunk_expr
+                out["values.npy"](chunk)
+                # the stored entries in CSR order, at their token positions (no dense copy)
+                out["expression_slot.npy"](cols)
+                out["expression_data.npy"](block.data)
                 if not include_zero_genes:
-                    slot = cols
                     chunk_index = np.full((stop - start, max_len), -1, dtype=gdtype)
-                    chunk_index[rows, slot] = block.indices
-                    gene_index[start:stop] = chunk_index
-            for array in (values, gene_index, edges, expression):
-                array.flush()
-            del values, gene_index, edges, expression
+                    chunk_index[rows, cols] = block.indices
+                    out["gene_index.npy"](chunk_index)
 
     cells = pd.DataFrame({"cell_id": obs.index.astype(str)})
     if "label" in obs.columns:

@@ -1,0 +1,50 @@
+"""Cluster resources of the data stages (``hvg``, ``bin``, ``split``), sized from their input.
+
+A Slurm job that asks for too little memory is killed (and retried with more, ``attempt``);
+one that asks for far too much waits longer in the queue. Each stage's request is a base
+plus a slope per GiB of its input (all files of a multi-file dataset), times the attempt,
+with a floor, and the same for its run time. The slopes come from
+``benchmarks/bench_hvg.py``, which prints each stage's request next to its measured peak
+RSS at 10k, 100k and 1M cells (BENCHMARKS.md states the margins). The rules in
+``rules/preprocess.smk`` call :func:`mem_mb` and :func:`runtime_min`; nothing else holds
+these numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageResources:
+    """``mem_mb = max(min_mb, base_mb + mb_per_gib * input GiB) * attempt``;
+    ``runtime = max(min_minutes, minutes_per_gib * input GiB) * attempt``."""
+
+    base_mb: float
+    mb_per_gib: float
+    minutes_per_gib: float
+    min_mb: int = 2000
+    min_minutes: int = 10
+
+
+# Inputs: hvg and split read the dataset's .h5ad file(s) (counts or log1p, any layout);
+# bin reads the hvg stage's hvg.h5ad (float32 CSR of the selected genes). The streamed hvg
+# and the split hold per-cell arrays and one row chunk; bin holds one chunk and writes its
+# outputs through file handles (its outputs are not memory-mapped by the job).
+STAGES: dict[str, StageResources] = {
+    "hvg": StageResources(base_mb=1500, mb_per_gib=100, minutes_per_gib=2),
+    "bin": StageResources(base_mb=1500, mb_per_gib=600, minutes_per_gib=2),
+    "split": StageResources(base_mb=1000, mb_per_gib=20, minutes_per_gib=0.5),
+}
+
+
+def mem_mb(stage: str, input_mb: float, attempt: int = 1) -> int:
+    """Memory to request (MB) for ``stage`` on ``input_mb`` MB of input at try ``attempt``."""
+    r = STAGES[stage]
+    return int(max(r.min_mb, r.base_mb + r.mb_per_gib * input_mb / 1024) * attempt)
+
+
+def runtime_min(stage: str, input_mb: float, attempt: int = 1) -> int:
+    """Run time to request (minutes) for ``stage`` on ``input_mb`` MB of input."""
+    r = STAGES[stage]
+    return int(max(r.min_minutes, r.minutes_per_gib * input_mb / 1024) * attempt)
