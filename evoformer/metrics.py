@@ -227,6 +227,20 @@ class Scorer:
         return float(r.mean()) if r.size else math.nan
 
 
+def percentile_interval(
+    draws: np.ndarray, estimate: float, level: float = 0.95
+) -> dict[str, float]:
+    """``{"value", "lo", "hi"}``: the percentile interval of bootstrap ``draws [B]`` around
+    ``estimate``; no interval (NaN) when the estimate is not finite or fewer than
+    ``max(10, B // 2)`` draws are."""
+    ok = draws[np.isfinite(draws)]
+    if ok.size < max(10, draws.size // 2) or not math.isfinite(estimate):
+        return {"value": estimate, "lo": math.nan, "hi": math.nan}
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(ok, [alpha, 1 - alpha])
+    return {"value": estimate, "lo": float(lo), "hi": float(hi)}
+
+
 def bootstrap(
     scorers: dict[str, Scorer],
     n_cells: int,
@@ -250,14 +264,9 @@ def bootstrap(
         for name, s in scorers.items():
             for m, v in s.metrics(weight).items():
                 draws[name][m][b] = v
-    alpha = (1 - level) / 2
 
     def interval(values: np.ndarray, estimate: float) -> dict[str, float]:
-        ok = values[np.isfinite(values)]
-        if ok.size < max(10, n_boot // 2) or not math.isfinite(estimate):
-            return {"value": estimate, "lo": math.nan, "hi": math.nan}
-        lo, hi = np.quantile(ok, [alpha, 1 - alpha])
-        return {"value": estimate, "lo": float(lo), "hi": float(hi)}
+        return percentile_interval(values, estimate, level)
 
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name in scorers:
