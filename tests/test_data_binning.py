@@ -293,3 +293,81 @@ def test_bin_h5ad_bad_input_leaves_nothing(tmp_path, expression):
     with pytest.raises(InputError, match="negative"):
         bin_h5ad(hvg, out, 11)
     assert not out.exists() or not any(out.iterdir())
+
+
+# ------------------------------------------------------------------- size guard (issue 20)
+def _design_bytes(meta: dict, nnz: int, n_cells: int) -> dict[str, int]:
+    """The binned folder's array bytes by design (headers aside): the bins [N, L] at their
+    smallest dtype, the per-cell edges, the gene index, and the token expression as a CSR
+    (float32 value + smallest slot dtype per stored entry, int64 indptr). A new [N, L] array,
+    or a wider dtype, breaks this table on purpose: the 1M-cell bin stage grew 4x once
+    (a dense float32 expression array) without anything noticing."""
+    n, length = n_cells, meta["max_len"]
+    v = np.dtype(meta["dtype"]).itemsize
+    g = np.dtype(meta["gene_index_dtype"]).itemsize
+    slot = 1 if length <= 256 else 2 if length <= 65536 else 4
+    return {
+        "values.npy": n * length * v,
+        "gene_index.npy": (1 if meta["include_zero_genes"] else n) * length * g,
+        "edges.npy": n * (meta["n_bins"] - 1) * 4,
+        "expression_indptr.npy": (n + 1) * 8,
+        "expression_slot.npy": nnz * slot,
+        "expression_data.npy": nnz * 4,
+    }
+
+
+@pytest.mark.parametrize("include_zero_genes", [True, False])
+def test_binned_outputs_stay_within_their_design_size(tmp_path, expression, include_zero_genes):
+    hvg = tmp_path / "hvg.h5ad"
+    _write_hvg(hvg, expression)
+    out = tmp_path / "bins"
+    meta = bin_h5ad(hvg, out, 51, include_zero_genes=include_zero_genes)
+    n = expression.shape[0]
+    design = _design_bytes(meta, expression.nnz, n)
+    small = {"cells.tsv", "genes.tsv", "meta.json"}  # text: tens of bytes per cell or gene
+    assert {p.name for p in out.iterdir()} == set(design) | small
+    for name, want in design.items():
+        got = (out / name).stat().st_size
+        assert want <= got <= want + 128, (name, got, want)  # 128: the .npy header
+    tsv = sum((out / name).stat().st_size for name in small)
+    assert tsv <= 64 * (n + expression.shape[1]) + 4096
+    # the token expression needs at most 8 bytes per stored value and 8 per cell: never the
+    # 4 bytes per token of a dense [N, L] float32 array
+    expr = sum(design[k] for k in design if k.startswith("expression_"))
+    assert expr <= 8 * expression.nnz + 8 * (n + 1)
+
+
+def test_token_expression_rows_in_any_order(tmp_path, expression):
+    """TokenExpression gives the same dense rows as the matrix, for ints, slices, unsorted
+    and repeated row arrays; write_token_expression round-trips a dense array exactly."""
+    from evoformer.data.arrays import TokenExpression, write_token_expression
+
+    dense = expression.toarray().astype(np.float32)
+    write_token_expression(tmp_path, dense)
+    expr = TokenExpression.open(tmp_path, dense.shape[1])
+    assert expr.shape == dense.shape and len(expr) == len(dense)
+    assert np.array_equal(np.asarray(expr), dense)
+    rows = np.array([11, 3, 7, 3, 299, 0])
+    assert np.array_equal(expr[rows], dense[rows])
+    assert np.array_equal(expr[5:9], dense[5:9]) and np.array_equal(expr[11], dense[11])
+    assert expr[[7]].shape == (1, dense.shape[1]) and not expr[[7]].any()
+    assert expr.data.dtype == np.float32 and expr.slot.dtype == np.uint16
+
+
+def test_npy_rows_writer_equals_np_save_and_checks_rows(tmp_path):
+    from evoformer.io import npy_rows_writer
+
+    a = np.arange(35, dtype=np.int16).reshape(7, 5)
+    np.save(tmp_path / "ref.npy", a)
+    with npy_rows_writer(tmp_path / "a.npy", a.shape, a.dtype) as write:
+        write(a[:3])
+        write(a[3:3])
+        write(a[3:].astype(np.int64))  # cast to the declared dtype
+    assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    with pytest.raises(ValueError, match="2 of 7 rows"):
+        with npy_rows_writer(tmp_path / "short.npy", a.shape, a.dtype) as write:
+            write(a[:2])
+    with pytest.raises(ValueError, match="does not continue"):
+        with npy_rows_writer(tmp_path / "wide.npy", a.shape, a.dtype) as write:
+            write(np.zeros((1, 6)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "ref.npy"]

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from evoformer.data import resources as data_resources
 from evoformer.data.arrays import BinnedData
 
 pytestmark = pytest.mark.slow
@@ -288,6 +289,10 @@ def test_resources_scale_with_the_input_size(make_workflow):
         rule: re.search(rf"rule {rule}:.*?resources: ([^\n]+)", out, flags=re.S).group(1)
         for rule in ("hvg", "split")
     }
-    # hvg: 1500 + 100 MB per GiB of input, 2 min per GiB; split: the floor
-    assert "mem_mb=3500" in resources["hvg"] and "runtime=40" in resources["hvg"]
-    assert "mem_mb=2000" in resources["split"] and "runtime=10" in resources["split"]
+    # the formulas of evoformer.data.resources on 20 GiB of input (hvg above the floor)
+    for rule in ("hvg", "split"):
+        mem, minutes = data_resources.mem_mb(rule, 20480), data_resources.runtime_min(rule, 20480)
+        assert f"mem_mb={mem}" in resources[rule] and f"runtime={minutes}" in resources[rule]
+    assert (
+        data_resources.mem_mb("hvg", 20480) > 2000 and data_resources.runtime_min("hvg", 20480) > 10
+    )

@@ -60,6 +60,7 @@ import numpy as np
 
 from evoformer.metrics import pearson_from_sums, percentile_interval
 from evoformer.perturb.conditions import condition_genes, n_perturbed
+from evoformer.perturb.splits import HELD_OUT_SUBGROUPS as SUBGROUP_ORDER
 
 METRICS = (
     "mse",
@@ -79,7 +80,6 @@ DOUBLES_ONLY = ("pearson_interaction",)
 #: Prefix of the metrics against the noise-free truth.
 TRUTH_PREFIX = "truth_"
 #: Subgroups in table order (others follow alphabetically, then ``all``).
-SUBGROUP_ORDER = ("unseen_single", "seen_single", "combo_seen0", "combo_seen1", "combo_seen2")
 ALL = "all"
 #: Columns of the subgroup table (:func:`summarise_subgroups` rows).
 SUBGROUP_COLUMNS = (
