@@ -79,7 +79,7 @@ LOWER_IS_BETTER = {m: m in ("mse", "mse_de", "centroid_rank") for m in METRICS}
 DOUBLES_ONLY = ("pearson_interaction",)
 #: Prefix of the metrics against the noise-free truth.
 TRUTH_PREFIX = "truth_"
-#: Subgroups in table order (others follow alphabetically, then ``all``).
+#: The row over every test condition (subgroups come in SUBGROUP_ORDER, then alphabetically).
 ALL = "all"
 #: Columns of the subgroup table (:func:`summarise_subgroups` rows).
 SUBGROUP_COLUMNS = (
