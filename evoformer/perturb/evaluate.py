@@ -2,7 +2,8 @@
 
 :func:`evaluate_perturbation` reads the HVG h5ad (``X`` CSR log1p-normalised ``[N, G]``,
 ``obs.condition`` canonical, ``var`` index = gene symbols) and the perturbation split (per cell:
-``cell_id``, ``condition``, ``set`` in train/val/test, ``subgroup``), then
+``cell_id``, ``condition``, ``set`` in train/val/test, ``subgroup``; read and checked by
+:func:`evoformer.perturb.splits.read_split`), then
 
 1. streams the per-group statistics (:mod:`evoformer.perturb.stats`): one group per
    perturbation condition (all its cells; a condition is wholly in one set) and ``ctrl`` = the
@@ -64,14 +65,13 @@ from evoformer.perturb.metrics import (
     perturbed_gene_deltas,
     summarise_subgroups,
 )
+from evoformer.perturb.splits import read_split
 from evoformer.perturb.stats import group_stats
 from evoformer.tables import write_tsv
 from evoformer.typed import from_plain
 
 log = logging.getLogger(__name__)
 
-SETS = ("train", "val", "test")
-SPLIT_COLUMNS = ("cell_id", "condition", "set", "subgroup")
 CONDITION_KEY = "condition"
 
 
@@ -142,31 +142,6 @@ def read_hvg_obs(path: str | os.PathLike) -> tuple[list[str], list[str], list[st
     if len(set(cells)) != len(cells):
         raise InputError(f"{path}: duplicate cell ids in obs")
     return cells, conditions, genes
-
-
-def read_split(path: str | os.PathLike) -> pd.DataFrame:
-    """The perturbation split TSV (:data:`SPLIT_COLUMNS`), checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    split = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    missing = [c for c in SPLIT_COLUMNS if c not in split.columns]
-    if missing:
-        raise InputError(f"{path}: missing columns {', '.join(missing)}")
-    bad = sorted(set(split["set"]) - set(SETS))
-    if bad:
-        raise InputError(f"{path}: set values {', '.join(bad)}; expected {', '.join(SETS)}")
-    if split["cell_id"].duplicated().any():
-        dup = split.loc[split["cell_id"].duplicated(), "cell_id"].iloc[0]
-        raise InputError(f"{path}: duplicate cell id {dup!r}")
-    perturbed = split[split["condition"] != CONTROL]
-    per_condition = perturbed.groupby("condition")[["set", "subgroup"]].nunique()
-    mixed = per_condition.index[(per_condition > 1).any(axis=1)].tolist()
-    if mixed:
-        raise InputError(
-            f"{path}: conditions in more than one set or subgroup: {', '.join(mixed[:10])}"
-        )
-    return split
 
 
 def read_truth(
