@@ -45,11 +45,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 
-from evoformer.data.datasets import read_h5_elem
 from evoformer.errors import InputError
 from evoformer.io import write_text_atomic
 from evoformer.perturb.baselines import BASELINES, COMPETITORS, TrainingMeans, fit_baselines
@@ -66,13 +64,11 @@ from evoformer.perturb.metrics import (
     summarise_subgroups,
 )
 from evoformer.perturb.splits import read_split
-from evoformer.perturb.stats import group_stats
+from evoformer.perturb.stats import group_stats, read_hvg_obs
 from evoformer.tables import write_tsv
 from evoformer.typed import from_plain
 
 log = logging.getLogger(__name__)
-
-CONDITION_KEY = "condition"
 
 
 @dataclass
@@ -119,31 +115,6 @@ class PerturbEvalParams:
 
 
 # ----------------------------------------------------------------------------- inputs
-def read_hvg_obs(path: str | os.PathLike) -> tuple[list[str], list[str], list[str]]:
-    """``(cell ids [N], conditions [N], genes [G])`` of an HVG h5ad (no expression read)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"{path}: not a readable .h5ad file ({exc})") from None
-    with f:
-        if "obs" not in f or "var" not in f:
-            raise InputError(f"{path}: not an AnnData .h5ad file (no obs/var groups)")
-        obs, var = read_h5_elem(f["obs"]), read_h5_elem(f["var"])
-    if CONDITION_KEY not in obs.columns:
-        raise InputError(f"{path}: obs has no {CONDITION_KEY!r} column")
-    cells = obs.index.astype(str).tolist()
-    conditions = obs[CONDITION_KEY].astype(str).tolist()
-    genes = var.index.astype(str).tolist()
-    if len(set(genes)) != len(genes):
-        raise InputError(f"{path}: duplicate gene symbols in var")
-    if len(set(cells)) != len(cells):
-        raise InputError(f"{path}: duplicate cell ids in obs")
-    return cells, conditions, genes
-
-
 def read_truth(
     path: str | os.PathLike, genes: list[str], conditions: list[str]
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

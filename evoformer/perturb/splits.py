@@ -501,3 +501,21 @@ def run_perturbation_split(
     if summary_tsv is not None:
         write_split_summary(split_summary(table), summary_tsv)
     return table
+
+
+def split_hvg_cells(
+    hvg_h5ad: str | os.PathLike,
+    params: dict[str, Any],
+    out_tsv: str | os.PathLike,
+    summary_tsv: str | os.PathLike | None = None,
+    where: str = DEFAULT_WHERE,
+) -> pd.DataFrame:
+    """The ``perturb_split`` step: split the cells of an hvg.h5ad (``obs.condition``) with the
+    config slice ``params`` (:meth:`PerturbSplitParams.from_dict`)."""
+    from evoformer.perturb.stats import read_hvg_obs
+
+    cells, conditions, _ = read_hvg_obs(hvg_h5ad)
+    frame = pd.DataFrame({"cell_id": cells, "condition": conditions})
+    return run_perturbation_split(
+        frame, PerturbSplitParams.from_dict(params, where), out_tsv, summary_tsv, where
+    )

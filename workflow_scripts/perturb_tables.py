@@ -1,0 +1,23 @@
+"""Rule perturb_tables: the perturbation table, its summary and figure
+(evoformer.perturb.report)."""
+
+import sys
+from pathlib import Path
+
+# The repository's evoformer package, also inside a --sdm conda environment.
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))
+
+from evoformer.data.step import run_step  # noqa: E402
+from evoformer.perturb.report import write_perturbation_tables  # noqa: E402
+
+facts = snakemake.input.facts
+run_step(
+    snakemake.log[0],
+    write_perturbation_tables,
+    eval_dir=str(Path(snakemake.input.subgroups).parent),
+    provenance=dict(snakemake.params.provenance),
+    table=snakemake.output.table,
+    summary=snakemake.output.summary,
+    figure=snakemake.output.figure,
+    facts=facts[0] if facts else None,
+)
