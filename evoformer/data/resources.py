@@ -1,4 +1,5 @@
-"""Cluster resources of the data stages (``hvg``, ``bin``, ``split``), sized from their input.
+"""Cluster resources of the data stages (``hvg``, ``bin``, ``split``, ``perturb_evaluate``),
+sized from their input.
 
 A Slurm job that asks for too little memory is killed (and retried with more, ``attempt``);
 one that asks for far too much waits longer in the queue. Each stage's request is a base
@@ -35,6 +36,8 @@ STAGES: dict[str, StageResources] = {
     "hvg": StageResources(base_mb=1500, mb_per_gib=100, minutes_per_gib=2),
     "bin": StageResources(base_mb=1500, mb_per_gib=600, minutes_per_gib=2),
     "split": StageResources(base_mb=1000, mb_per_gib=20, minutes_per_gib=0.5),
+    # the perturbation evaluation streams hvg.h5ad once: [conditions, genes] statistics
+    "perturb_evaluate": StageResources(base_mb=1500, mb_per_gib=300, minutes_per_gib=5),
 }
 
 

@@ -1,0 +1,101 @@
+# The perturbation benchmark (task `perturbation`, config section `perturbation`): a Perturb-seq
+# screen goes hvg -> bin -> perturbation-level split -> baselines and evaluation on the test
+# conditions -> results/tables/perturbation*. The work is done by evoformer.perturb.
+
+
+rule screen:
+    output:
+        h5ad=f"{SCREEN_DIR}/{{dataset}}.h5ad",
+        truth=f"{SCREEN_DIR}/{{dataset}}_truth.npz",
+        conditions=f"{SCREEN_DIR}/{{dataset}}_conditions.tsv",
+        network=f"{SCREEN_DIR}/{{dataset}}_network.tsv",
+    log:
+        "logs/datasets/screen_{dataset}.log",
+    benchmark:
+        "results/benchmarks/datasets/screen_{dataset}.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    params:
+        screen=lambda wc: screen_config(wc.dataset),
+    script:
+        "../workflow_scripts/screen.py"
+
+
+rule perturb_split:
+    input:
+        hvg="results/{dataset}/hvg{n_hvg}/hvg.h5ad",
+    output:
+        split="results/{dataset}/hvg{n_hvg}/perturbation/split.tsv",
+        summary="results/{dataset}/hvg{n_hvg}/perturbation/split_conditions.tsv",
+    log:
+        "logs/perturbation/split_{dataset}_hvg{n_hvg}.log",
+    benchmark:
+        "results/benchmarks/perturbation/split_{dataset}_hvg{n_hvg}.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    params:
+        split=lambda wc: perturbation_config()["split"],
+    script:
+        "../workflow_scripts/perturb_split.py"
+
+
+rule perturb_evaluate:
+    input:
+        hvg="results/{dataset}/hvg{n_hvg}/hvg.h5ad",
+        split="results/{dataset}/hvg{n_hvg}/perturbation/split.tsv",
+        truth=lambda wc: screen_side_file(wc.dataset, "truth"),
+    output:
+        subgroups="results/{dataset}/hvg{n_hvg}/perturbation/eval/subgroups.tsv",
+        per_condition="results/{dataset}/hvg{n_hvg}/perturbation/eval/per_condition.tsv",
+        details="results/{dataset}/hvg{n_hvg}/perturbation/eval/details.json",
+    log:
+        "logs/perturbation/evaluate_{dataset}_hvg{n_hvg}.log",
+    benchmark:
+        "results/benchmarks/perturbation/evaluate_{dataset}_hvg{n_hvg}.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    resources:
+        mem_mb=lambda wc, input, attempt: data_resources.mem_mb(
+            "perturb_evaluate", input.size_mb, attempt
+        ),
+        runtime=lambda wc, input, attempt: data_resources.runtime_min(
+            "perturb_evaluate", input.size_mb, attempt
+        ),
+    params:
+        evaluation=lambda wc: perturbation_config()["evaluation"],
+    script:
+        "../workflow_scripts/perturb_evaluate.py"
+
+
+rule perturb_tables:
+    input:
+        subgroups=f"{PERTURB_EVAL_DIR}/subgroups.tsv",
+        per_condition=f"{PERTURB_EVAL_DIR}/per_condition.tsv",
+        details=f"{PERTURB_EVAL_DIR}/details.json",
+        facts=lambda wc: screen_side_file(perturbation_config()["dataset"], "conditions"),
+    output:
+        table=report(
+            "results/tables/perturbation.tsv",
+            caption="../report/perturbation.rst",
+            category="Perturbation",
+        ),
+        summary=report(
+            "results/tables/perturbation_summary.md",
+            caption="../report/perturbation_summary.rst",
+            category="Perturbation",
+        ),
+        figure=report(
+            "results/tables/perturbation_de_changes.png",
+            caption="../report/perturbation_de_changes.rst",
+            category="Perturbation",
+        ),
+    log:
+        "logs/perturbation/tables.log",
+    benchmark:
+        "results/benchmarks/perturbation/tables.tsv"
+    conda:
+        "../envs/workflow.yaml"
+    params:
+        provenance=lambda wc: perturbation_provenance(),
+    script:
+        "../workflow_scripts/perturb_tables.py"
