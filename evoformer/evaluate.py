@@ -582,7 +582,8 @@ def network_recovery(scores: dict[str, np.ndarray], network: str, genes: list[st
 
 # ----------------------------------------------------------------------------- probes
 def read_hvg_expression(path: str | os.PathLike, cell_ids: list[str]) -> np.ndarray:
-    """Log-normalised HVG expression ``[n, n_hvg]`` float32 of ``cell_ids`` from ``hvg.h5ad``."""
+    """Log-normalised HVG expression ``[n, G]`` float32 of ``cell_ids`` from ``hvg.h5ad`` (G: its
+    genes, n_hvg plus a Perturb-seq dataset's perturbed genes)."""
     import anndata as ad
     import scipy.sparse as sp
 

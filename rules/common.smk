@@ -16,6 +16,7 @@ from evoformer.data.arrays import BINNED_FILES
 from evoformer.data.planted import resolve_planted_params
 from evoformer.errors import InputError
 from evoformer.memory.spec import MEMORY_TRAIN_KEYS
+from evoformer.perturb.layouts import PerturbSpec
 
 PBMC68K_PATH = "resources/pbmc68k.h5ad"
 SYNTHETIC_DIR = "resources/synthetic"
@@ -65,9 +66,12 @@ def network_file(name):
 
 
 def expression_config(name):
-    """How to read a dataset's expression: expression, value_type, label_key."""
+    """How to read a dataset's expression: expression, value_type, label_key, and for a
+    Perturb-seq dataset its perturbation block (absent otherwise, so that the params of
+    other datasets stay as they were)."""
     entry = dataset_entry(name)
-    return canonical({k: entry[k] for k in ("expression", "value_type", "label_key")})
+    keys = ("expression", "value_type", "label_key", "perturbation")
+    return canonical({k: entry[k] for k in keys if k in entry})
 
 
 def synthetic_config(name):
@@ -141,7 +145,8 @@ def one_line_config_errors():
 def check_config():
     """Checks that the schema cannot express, with messages naming the key: every grid point's
     model and training settings, the evaluation settings, batch arithmetic, split sizes and the
-    selection metric (evoformer.experiments.check), for every target, before any job runs.
+    selection metric (evoformer.experiments.check), the datasets' planted and perturbation
+    blocks, for every target, before any job runs.
     """
     name = config["experiment"]["dataset"]
     if name not in config["datasets"]:
@@ -170,6 +175,8 @@ def check_config():
                 resolve_planted_params(
                     entry.get("planted") or {}, f"datasets.{ds}.planted"
                 )
+            if entry.get("perturbation") is not None:
+                PerturbSpec.from_config(ds, entry["perturbation"])
         experiments.check(config, known_cells_by_label(name))
     except InputError as e:
         raise WorkflowError(f"invalid config: {e}") from None

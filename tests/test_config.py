@@ -41,6 +41,31 @@ def test_schema_lists_exactly_the_dataclass_keys() -> None:
     assert list(train_enum) == list(cv_enum) == list(VALIDATION_METRICS)
 
 
+def test_schema_lists_exactly_the_perturbation_keys_and_defaults() -> None:
+    """datasets.<name>.perturbation: the keys of PerturbSpec, its defaults, and each layout's
+    default of a layout-dependent key stated in that key's description."""
+    from evoformer.perturb.layouts import LAYOUT_DEFAULTS, LAYOUTS, TYPES, PerturbSpec
+
+    entry = SCHEMA["properties"]["datasets"]["additionalProperties"]["properties"]
+    block = entry["perturbation"]["properties"]
+    assert set(block) == names(PerturbSpec)
+    fields = {f.name: f for f in dataclasses.fields(PerturbSpec)}
+    for key in ("min_cells", "strict"):
+        assert block[key]["default"] == fields[key].default
+    assert block["layout"]["enum"] == list(LAYOUTS)
+    assert block["type"]["enum"] == [*TYPES, None]
+
+    def shown(value: object) -> str:
+        if value is None:
+            return "null"
+        return f"[{', '.join(value)}]" if isinstance(value, tuple) else str(value)
+
+    for key in LAYOUT_DEFAULTS["gears"]:
+        text = " ".join(block[key]["description"].split())
+        expected = "; ".join(f"{lay}: {shown(LAYOUT_DEFAULTS[lay][key])}" for lay in LAYOUTS)
+        assert f"({expected})" in text, (key, text)
+
+
 def config(**updates) -> dict:
     cfg = copy.deepcopy(BASE)
     for dotted, value in updates.items():

@@ -158,6 +158,22 @@ def test_cli(capsys):
     assert "micro_batch_size" in capsys.readouterr().err
 
 
+def test_cli_takes_the_gene_count_from_the_binned_meta(tmp_path, capsys):
+    """A Perturb-seq dataset's HVG set holds its perturbed genes beyond n_hvg: with the binned
+    meta.json the CLI sizes the step by its n_genes (here 40 > n_hvg 32), not by n_hvg."""
+    ci = pathlib.Path(__file__).parent / "config" / "ci.yaml"
+    peaks = {}
+    for n_genes in (None, 32, 40):
+        args = ["--config", str(ci), "--experiment", "1", "--method", "analytical", "--json"]
+        if n_genes is not None:
+            meta = tmp_path / f"meta{n_genes}.json"
+            meta.write_text(json.dumps({"max_len": n_genes, "n_genes": n_genes, "n_bins": 11}))
+            args += ["--binned-meta", str(meta)]
+        main(args)
+        peaks[n_genes] = json.loads(capsys.readouterr().out)["analytical"]["peak_bytes"]
+    assert peaks[None] == peaks[32] < peaks[40]
+
+
 class _Named(dict):
     """Stand-in for Snakemake's Namedlist: attribute access, .get, positional [0]."""
 

@@ -4,7 +4,9 @@ the bundled PBMC demo, and a seeded synthetic negative-binomial generator.
 A dataset is an .h5ad file (or several, ``paths:``, read as one) plus three facts from
 the config: where the expression lives (``X``, ``raw`` or ``layer:<name>``), whether it
 holds raw counts or log1p-normalised values, and which ``obs`` column holds the cell
-label (optional).
+label (optional). A Perturb-seq dataset also has a ``perturbation:`` block
+(:class:`evoformer.perturb.layouts.PerturbSpec`): its genes are then named by the block's
+``gene_column`` (:func:`gene_names`), the names its conditions use.
 
 Atlas-sized data is never loaded whole: :class:`ExpressionFiles` opens the file(s) with
 h5py and yields row chunks of the expression (CSR, CSC or dense on disk; several files
@@ -21,7 +23,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 import h5py
@@ -31,6 +33,9 @@ import scipy.sparse as sp
 
 from evoformer.errors import InputError
 from evoformer.io import atomic_path
+
+if TYPE_CHECKING:
+    from evoformer.perturb.layouts import PerturbSpec
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,7 @@ class DatasetSpec:
     """One entry of the config's ``datasets`` mapping.
 
     A kind-h5ad dataset has one file (``path``) or several read as one (``paths``).
+    ``perturbation``: the dataset's ``perturbation:`` block (a Perturb-seq screen; any kind).
     """
 
     name: str
@@ -68,6 +74,7 @@ class DatasetSpec:
     label_key: str | None = None
     synthetic: dict[str, Any] = field(default_factory=dict)
     paths: tuple[str, ...] = ()
+    perturbation: PerturbSpec | None = None
 
     def __post_init__(self) -> None:
         where = f"datasets.{self.name}"
@@ -105,17 +112,20 @@ class DatasetSpec:
             value_type=cfg.get("value_type", "counts"),
             label_key=cfg.get("label_key"),
             synthetic=synthetic if kind == "synthetic" else {},
+            perturbation=_perturbation(name, cfg),
         )
 
     @classmethod
     def expression_only(cls, name: str, cfg: Mapping[str, Any]) -> DatasetSpec:
         """A spec from the keys that say how to read the expression (a rule's params slice):
-        ``expression``, ``value_type``, ``label_key``; the file comes from the rule's input."""
+        ``expression``, ``value_type``, ``label_key`` and, for a Perturb-seq dataset,
+        ``perturbation``; the file comes from the rule's input."""
         return cls(
             name=name,
             expression=cfg.get("expression", "X"),
             value_type=cfg.get("value_type", "counts"),
             label_key=cfg.get("label_key"),
+            perturbation=_perturbation(name, cfg),
         )
 
     @property
@@ -138,6 +148,15 @@ class DatasetSpec:
         if len(files) != 1:
             raise InputError(f"datasets.{self.name} has {len(files)} files (paths); use .files")
         return files[0]
+
+
+def _perturbation(name: str, cfg: Mapping[str, Any]) -> PerturbSpec | None:
+    """The entry's ``perturbation:`` block as a PerturbSpec (None when absent)."""
+    if cfg.get("perturbation") is None:
+        return None
+    from evoformer.perturb.layouts import PerturbSpec
+
+    return PerturbSpec.from_config(name, cfg["perturbation"])
 
 
 def read_h5_elem(elem: Any) -> Any:
@@ -207,6 +226,21 @@ def _frame_index(f: h5py.File, key: str, path: Path) -> tuple[pd.Index, list[str
     return pd.Index(frame.index.astype(str)), [str(c) for c in frame.columns]
 
 
+def read_frame_column(f: h5py.File, key: str, column: str, path: Path) -> pd.Series:
+    """[rows] One column of the dataframe element ``key`` (obs, var, raw/var) as stored
+    (categorical, strings, numbers), reading no other column. The caller checks that the
+    column exists (:func:`_frame_index` lists them)."""
+    group = f[key]
+    try:
+        if isinstance(group, h5py.Group) and column in group:
+            values = read_h5_elem(group[column])
+        else:
+            values = read_h5_elem(group)[column]
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read {key} ({_first_line(exc)})") from None
+    return pd.Series(values)
+
+
 def _read_labels(f: h5py.File, spec: DatasetSpec, path: Path) -> pd.Series | None:
     """The label column of ``obs`` (``spec.label_key``) as str, reading only that column."""
     if not spec.label_key:
@@ -214,15 +248,66 @@ def _read_labels(f: h5py.File, spec: DatasetSpec, path: Path) -> pd.Series | Non
     _, columns = _frame_index(f, "obs", path)
     if spec.label_key not in columns:
         _no_label_column(spec, path, columns)
-    group = f["obs"]
-    try:
-        if isinstance(group, h5py.Group) and spec.label_key in group:
-            values = read_h5_elem(group[spec.label_key])
-        else:
-            values = read_h5_elem(group)[spec.label_key]
-    except Exception as exc:
-        raise InputError(f"{path}: cannot read obs ({_first_line(exc)})") from None
-    return _checked_labels(pd.Series(values), spec, path)
+    return _checked_labels(read_frame_column(f, "obs", spec.label_key, path), spec, path)
+
+
+def make_names_unique(names: pd.Index) -> pd.Index:
+    """[G] ``names`` made unique as ``AnnData.var_names_make_unique`` does: the first
+    occurrence keeps its name, later ones get ``-1``, ``-2``, ... (skipping suffixed names
+    that already exist)."""
+    import warnings
+
+    if names.is_unique:
+        return names
+    with warnings.catch_warnings():  # anndata warns when a suffixed name already exists
+        warnings.simplefilter("ignore", UserWarning)
+        return pd.Index(ad.utils.make_index_unique(names.copy()).astype(str))
+
+
+def gene_names(f: h5py.File, var_key: str, path: Path, spec: DatasetSpec) -> pd.Index:
+    """[G] The names of the genes of the gene table ``var_key`` (var or raw/var): its index,
+    or for a Perturb-seq dataset with a ``gene_column`` that column's values (the symbols
+    its conditions name) made unique by :func:`make_names_unique`."""
+    index, columns = _frame_index(f, var_key, path)
+    column = spec.perturbation.gene_column if spec.perturbation is not None else None
+    if column is None:
+        return index
+    key = f"datasets.{spec.name}.perturbation.gene_column"
+    if column not in columns:
+        shown = ", ".join(columns[:10]) or "none"
+        raise InputError(
+            f"{path}: {var_key} column {column!r} ({key}) not found; {var_key} columns: {shown} "
+            "(gene_column: null names genes by the index)"
+        )
+    values = read_frame_column(f, var_key, column, path)
+    missing = values.isna() | (values.astype(str).str.strip() == "")
+    if missing.any():
+        raise InputError(
+            f"{path}: {var_key} column {column!r} ({key}) has {int(missing.sum())} missing "
+            f"gene names (e.g. gene {index[np.argmax(missing.to_numpy())]!r})"
+        )
+    if len(values) != len(index):
+        raise InputError(f"{path}: {var_key} column {column!r} has the wrong length")
+    names = make_names_unique(pd.Index(values.astype(str).to_numpy()))
+    n_renamed = int((names != values.astype(str).to_numpy()).sum())
+    if n_renamed:
+        log.info(
+            "dataset %r: %s: %d duplicate gene names of %s column %r made unique (-1, -2, ...)",
+            spec.name,
+            path,
+            n_renamed,
+            var_key,
+            column,
+        )
+    return names
+
+
+def shared_gene_names(per_file: Sequence[pd.Index]) -> pd.Index:
+    """The genes of every file ([G'] names) in the first file's order."""
+    shared = per_file[0]
+    for genes in per_file[1:]:
+        shared = shared[shared.isin(genes)]
+    return shared
 
 
 def _as_paths(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -530,7 +615,8 @@ class ExpressionFiles:
     """One or several .h5ad files read as one [N, G] expression matrix, in row chunks.
 
     Opens the files with h5py and reads only their ``obs``/gene indexes up front
-    ([N] cell ids, [G] gene ids); the expression (``spec.expression``: X, raw/X or
+    ([N] cell ids, [G] gene ids: the gene table's index, or the ``gene_column`` of a
+    Perturb-seq dataset, :func:`gene_names`); the expression (``spec.expression``: X, raw/X or
     layers/<name>; CSR, CSC or dense) is read by :meth:`chunks`, at most ``max_nonzeros``
     non-zeros (or dense elements) at a time. Several files: cells in file order, genes =
     the genes of all files (matched by name) in the first file's order; genes missing
@@ -580,7 +666,7 @@ class ExpressionFiles:
         if self.var_key not in f:
             raise InputError(f"{path}: has no {self.var_key} (the genes of {self.x_key})")
         rows = _matrix_rows(f, self.x_key, path, scratch)
-        genes, _ = _frame_index(f, self.var_key, path)
+        genes = gene_names(f, self.var_key, path, self.spec)
         cells, _ = _frame_index(f, "obs", path)
         if tuple(rows.shape) != (len(cells), len(genes)):
             raise InputError(
@@ -597,9 +683,7 @@ class ExpressionFiles:
         self._cells.append(cells)
 
     def _match_genes(self) -> None:
-        shared = self._genes[0]
-        for genes in self._genes[1:]:
-            shared = shared[shared.isin(genes)]
+        shared = shared_gene_names(self._genes)
         if len(shared) == 0:
             sizes = ", ".join(
                 f"{p}: {len(g)} genes" for p, g in zip(self.paths, self._genes, strict=True)

@@ -9,6 +9,21 @@ values of the selected genes (the values that binning turns into tokens).
 (:mod:`evoformer.data.hvg_stream`), so an atlas never has to fit in memory; it selects
 the same genes with the same ranks as :func:`select_hvg_in_memory`, which runs scanpy on
 the loaded matrix and is kept as the reference (tests, benchmarks).
+
+A Perturb-seq dataset (a ``perturbation:`` block, :mod:`evoformer.perturb.layouts`):
+
+- genes are named by the block's ``gene_column`` (made unique as anndata's
+  ``var_names_make_unique`` does), so that conditions and ``genes.tsv`` share one namespace;
+- the cells the block drops (missing label, unmeasured perturbed gene, condition below
+  ``min_cells``) take no part in the selection and are not written;
+- every measured perturbed gene (of a kept condition) is kept: exempt from
+  ``hvg.min_cells_per_gene`` and added to the top ``n_hvg`` genes when not among them, so
+  the output has ``n_hvg`` + (perturbed genes outside the top ``n_hvg``) genes. The
+  ``hvg<n_hvg>`` of the path names the variance-ranked part; downstream stages read the
+  gene count from the files (binning's ``meta.json`` ``n_genes``). ``genes.tsv`` marks them
+  in ``perturbed``; the added ones have ``hvg_rank`` n_hvg + 1, ... ;
+- ``obs`` gains ``condition`` (canonical: ``ctrl``, ``A``, ``A+B``) and
+  ``perturbation_type`` (knockdown | knockout | activation).
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ from evoformer.data.datasets import CHUNK_NONZEROS, DatasetSpec, ExpressionFiles
 from evoformer.data.hvg_stream import (
     FLAVORS,
     TARGET_SUM,
+    HvgSelection,
     check_hvg_args,
     score_column,
     select_hvg_streamed,
@@ -33,6 +49,8 @@ from evoformer.data.hvg_stream import (
 )
 from evoformer.errors import InputError
 from evoformer.io import atomic_path
+from evoformer.perturb.conditions import CONTROL
+from evoformer.perturb.layouts import PerturbObs, read_perturbation_obs
 
 __all__ = ["FLAVORS", "TARGET_SUM", "plot_hvg", "run_hvg", "select_hvg_in_memory"]
 
@@ -195,7 +213,8 @@ def run_hvg(
     """The ``hvg`` rule: select (streamed), write the HVG h5ad, the genes table and the plot.
 
     dataset_path: the .h5ad file, or several read as one dataset (genes matched by name).
-    dataset: ``expression``, ``value_type``, ``label_key`` of the dataset's config entry.
+    dataset: ``expression``, ``value_type``, ``label_key`` (and ``perturbation``, a
+    Perturb-seq dataset's block: see the module docstring) of the dataset's config entry.
     hvg: the config's ``hvg`` section (flavor, min_cells_per_gene, min_genes_per_cell).
     chunk_nonzeros: non-zeros read per row chunk (memory: a few hundred bytes each).
     Every check runs before the first output is written; each output is atomic.
@@ -205,24 +224,57 @@ def run_hvg(
     check_hvg_args(spec, n_hvg, flavor)
     paths = [dataset_path] if isinstance(dataset_path, str | os.PathLike) else list(dataset_path)
     source = ", ".join(str(p) for p in paths)
+    perturb = read_perturbation_obs(paths, spec) if spec.perturbation is not None else None
     scratch = os.path.dirname(os.path.abspath(out_h5ad))
     os.makedirs(scratch, exist_ok=True)
     with ExpressionFiles(paths, spec, max_nonzeros=chunk_nonzeros, scratch_dir=scratch) as files:
         files.cells()  # label column and cell ids checked before the long passes
+        cells = always_keep = obs_columns = None
+        if perturb is not None:
+            # the same files, read the same way: the same cells and gene names
+            assert files.cell_ids.equals(perturb.cell_ids) and files.gene_ids.equals(perturb.genes)
+            cells = perturb.keep
+            always_keep = files.gene_ids.isin(perturb.perturbed_genes)
+            obs_columns = pd.DataFrame(
+                {"condition": perturb.condition, "perturbation_type": perturb.perturbation_type}
+            )
         selection = select_hvg_streamed(
             files,
             n_hvg,
             flavor=flavor,
             min_cells_per_gene=int(hvg.get("min_cells_per_gene", 0)),
             min_genes_per_cell=int(hvg.get("min_genes_per_cell", 0)),
+            cells=cells,
+            always_keep=always_keep,
         )
-        n_written, _ = write_hvg_h5ad(files, selection, out_h5ad, source)
+        uns_hvg = None
+        if perturb is not None:
+            _check_perturbation_cells(perturb, selection, spec.name)
+            uns_hvg = {
+                "n_cells_perturbation_dropped": int(len(perturb.keep) - perturb.n_kept),
+                "n_perturbed_genes": len(perturb.perturbed_genes),
+                "n_perturbed_genes_added": selection.n_added,
+            }
+        n_written, _ = write_hvg_h5ad(files, selection, out_h5ad, source, obs_columns, uns_hvg)
         n_input = files.n_cells
     genes = selection.genes
+    n_selected = int(genes["highly_variable"].sum())
+    if perturb is not None:
+        log.info(
+            "dataset '%s': %d perturbed genes added to the top %d HVGs (%d of the %d measured "
+            "perturbed genes are among them); %d perturbed genes not measured%s",
+            spec.name,
+            selection.n_added,
+            n_hvg,
+            len(perturb.perturbed_genes) - selection.n_added,
+            len(perturb.perturbed_genes),
+            len(perturb.unmeasured_genes),
+            f": {', '.join(perturb.unmeasured_genes)}" if perturb.unmeasured_genes else "",
+        )
     log.info(
         "dataset '%s': %d of %d genes selected (%s); %d cells kept of %d",
         spec.name,
-        n_hvg,
+        n_selected,
         len(genes),
         flavor,
         n_written,
@@ -230,4 +282,34 @@ def run_hvg(
     )
     with atomic_path(out_genes) as tmp:
         genes.to_csv(tmp, sep="\t")
-    plot_hvg(genes, flavor, f"{spec.name}: {n_hvg} HVGs ({flavor}) of {len(genes)} genes", out_plot)
+    added = f" + {selection.n_added} perturbed" if perturb is not None else ""
+    plot_hvg(
+        genes,
+        flavor,
+        f"{spec.name}: {n_hvg}{added} HVGs ({flavor}) of {len(genes)} genes",
+        out_plot,
+    )
+
+
+def _check_perturbation_cells(perturb: PerturbObs, selection: HvgSelection, name: str) -> None:
+    """After the HVG stage's own cell filter (hvg.min_genes_per_cell): control cells must be
+    left (else InputError); conditions that fell below min_cells are named in the log."""
+    kept = pd.Series(perturb.condition[selection.cell_keep]).value_counts()
+    if kept.get(CONTROL, 0) == 0:
+        raise InputError(
+            f"dataset '{name}': no control cells left after hvg.min_genes_per_cell="
+            f"{selection.min_genes_per_cell}"
+        )
+    assert selection.spec.perturbation is not None
+    min_cells = selection.spec.perturbation.min_cells
+    small = kept[(kept > 0) & (kept < min_cells)]
+    if len(small):
+        log.warning(
+            "dataset '%s': %d conditions have fewer than min_cells=%d cells after "
+            "hvg.min_genes_per_cell=%d (kept): %s",
+            name,
+            len(small),
+            min_cells,
+            selection.min_genes_per_cell,
+            ", ".join(f"{c} ({n})" for c, n in small.sort_index().items()),
+        )

@@ -161,13 +161,20 @@ class _Filtered:
 
 
 def _filter_chunk(
-    x: sp.csr_matrix, gene_index: np.ndarray | None, min_genes_per_cell: int
+    x: sp.csr_matrix,
+    gene_index: np.ndarray | None,
+    min_genes_per_cell: int,
+    use: np.ndarray | None = None,
 ) -> _Filtered:
+    """x [chunk cells, G] -> the kept genes and cells; use [chunk cells] bool: the cells the
+    caller lets in at all (None: all)."""
     if gene_index is not None:
         x = x[:, gene_index]
         x.sort_indices()
     n_genes = np.diff(x.indptr)
     keep = n_genes >= min_genes_per_cell if min_genes_per_cell > 0 else np.ones(len(n_genes), bool)
+    if use is not None:
+        keep &= use
     if not keep.all():
         x = x[keep]
     return _Filtered(x, keep, n_genes)
@@ -278,9 +285,16 @@ class HvgSelection:
     min_cells_per_gene: int
     min_genes_per_cell: int
     genes: pd.DataFrame  # one row per kept gene: scanpy's statistics, highly_variable, hvg_rank
-    gene_keep: np.ndarray  # [G] bool: genes kept by min_cells_per_gene
-    cell_keep: np.ndarray  # [N] bool: cells kept by min_genes_per_cell
+    gene_keep: np.ndarray  # [G] bool: genes kept by min_cells_per_gene (or always kept)
+    cell_keep: np.ndarray  # [N] bool: cells used and kept by min_genes_per_cell
     n_genes_per_cell: np.ndarray  # [N] int64: kept genes each cell expresses
+    cells: np.ndarray | None = None  # [N] bool: the cells the caller let in (None: all)
+    n_added: int = 0  # always-kept genes added to the HVGs beyond the top n_top_genes
+
+    @property
+    def n_cells_used(self) -> int:
+        """Cells the selection saw (all, or those of ``cells``)."""
+        return len(self.cell_keep) if self.cells is None else int(self.cells.sum())
 
     @property
     def selected(self) -> np.ndarray:
@@ -296,6 +310,8 @@ def select_hvg_streamed(
     flavor: str = "seurat",
     min_cells_per_gene: int = 0,
     min_genes_per_cell: int = 0,
+    cells: np.ndarray | None = None,
+    always_keep: np.ndarray | None = None,
 ) -> HvgSelection:
     """Select the ``n_top_genes`` most variable genes of ``files`` without loading it.
 
@@ -304,19 +320,40 @@ def select_hvg_streamed(
     one row chunk plus [T, G] and [N] arrays. Raises InputError for bad values (pass 1
     validates every file), no cells left, cells without expression, n_hvg larger than
     the kept genes, and datasets too small for the flavor's statistics.
+
+    cells: [N] bool, the only cells used (every statistic and filter as if the others were
+    not in the files; None: all). always_keep: [G] bool, genes exempt from
+    ``min_cells_per_gene`` and added to the HVGs when not among the top ``n_top_genes``
+    (hvg_rank n_top_genes + 1, ... by score, NaN last); the genes table then has a column
+    ``perturbed`` marking them. Both None: exactly scanpy's selection.
     """
     spec = files.spec
     where = f"dataset '{spec.name}'"
     check_hvg_args(spec, n_top_genes, flavor)
     n_cells, n_genes = files.n_cells, files.n_genes
+    if cells is not None and cells.shape != (n_cells,):
+        raise ValueError(f"cells: expected [{n_cells}] bool, got {cells.shape}")
+    if always_keep is not None and always_keep.shape != (n_genes,):
+        raise ValueError(f"always_keep: expected [{n_genes}] bool, got {always_keep.shape}")
 
     # pass 1: validation; cells expressing each gene
     gene_cells = np.zeros(n_genes, dtype=np.int64)
     for chunk in files.chunks(validate=True):
-        gene_cells += np.bincount(chunk.x.indices, minlength=n_genes)
+        x = chunk.x if cells is None else chunk.x[cells[chunk.start : chunk.stop]]
+        gene_cells += np.bincount(x.indices, minlength=n_genes)
     gene_keep = (
         gene_cells >= min_cells_per_gene if min_cells_per_gene > 0 else np.ones(n_genes, bool)
     )
+    if always_keep is not None:
+        exempt = int((always_keep & ~gene_keep).sum())
+        gene_keep = gene_keep | always_keep
+        if exempt:
+            log.info(
+                "%s: %d perturbed genes expressed in fewer than %d cells kept all the same",
+                where,
+                exempt,
+                min_cells_per_gene,
+            )
     n_kept_genes = int(gene_keep.sum())
     if min_cells_per_gene > 0:
         log.info(
@@ -355,7 +392,8 @@ def select_hvg_streamed(
     n_rows = 0
     n_empty, first_empty = 0, None
     for chunk in files.chunks():
-        part = _filter_chunk(chunk.x, gene_index, min_genes_per_cell)
+        use = None if cells is None else cells[chunk.start : chunk.stop]
+        part = _filter_chunk(chunk.x, gene_index, min_genes_per_cell, use)
         cell_keep[chunk.start : chunk.stop] = part.keep
         n_genes_per_cell[chunk.start : chunk.stop] = part.n_genes
         empty = np.diff(part.x.indptr) == 0
@@ -414,6 +452,17 @@ def select_hvg_streamed(
         ascending=False, method="first"
     )
     var_table["hvg_rank"] = np.where(selected, rank.to_numpy(), 0).astype(int)
+    n_added = 0
+    if always_keep is not None:
+        forced = always_keep[gene_keep]
+        added = forced & ~selected
+        n_added = int(added.sum())
+        extra = pd.Series(np.where(added, np.nan_to_num(score, nan=-np.inf), -np.inf)).rank(
+            ascending=False, method="first"
+        )
+        var_table["highly_variable"] = selected | forced
+        var_table.loc[added, "hvg_rank"] = n_top_genes + extra.to_numpy()[added].astype(int)
+        var_table["perturbed"] = forced
     return HvgSelection(
         spec=spec,
         flavor=flavor,
@@ -424,6 +473,8 @@ def select_hvg_streamed(
         gene_keep=gene_keep,
         cell_keep=cell_keep,
         n_genes_per_cell=n_genes_per_cell,
+        cells=cells,
+        n_added=n_added,
     )
 
 
@@ -477,15 +528,19 @@ def write_hvg_h5ad(
     selection: HvgSelection,
     out: str | os.PathLike,
     source: str,
+    obs_columns: pd.DataFrame | None = None,
+    uns_hvg: dict[str, int] | None = None,
 ) -> tuple[int, int]:
     """Write the HVG subset (pass 4) as an .h5ad, atomically; returns (cells, cells empty).
 
-    X: [cells, n_top_genes] float32 CSR, the log1p-normalised values of the selected genes
-    in the dataset's gene order, appended chunk by chunk; cells dropped by the filters or
-    without expression in the HVGs are left out (the latter logged). obs: label (when the
-    dataset has one), source_file (several files), n_genes (with hvg.min_genes_per_cell);
-    var: the genes table's rows of the HVGs without hvg_rank; uns: hvg (settings, counts,
-    source) and, for counts, log1p -- the layout ``AnnData.write_h5ad`` gives.
+    X: [cells, n_hvg] float32 CSR, the log1p-normalised values of the selected genes
+    (the top n_top_genes and any always-kept ones) in the dataset's gene order, appended
+    chunk by chunk; cells not used, dropped by the filters or without expression in the
+    HVGs are left out (the latter logged). obs: label (when the dataset has one),
+    source_file (several files), n_genes (with hvg.min_genes_per_cell), then the columns of
+    ``obs_columns`` ([N] rows in dataset order); var: the genes table's rows of the HVGs
+    without hvg_rank; uns: hvg (settings, counts, source, and ``uns_hvg``) and, for counts,
+    log1p -- the layout ``AnnData.write_h5ad`` gives.
     """
     spec = files.spec
     where = f"dataset '{spec.name}'"
@@ -510,7 +565,8 @@ def write_hvg_h5ad(
             "indices", (0,), maxshape=(None,), dtype=index_dtype, chunks=(step,)
         )
         for chunk in files.chunks():
-            part = _filter_chunk(chunk.x, gene_index, selection.min_genes_per_cell)
+            use = None if selection.cells is None else selection.cells[chunk.start : chunk.stop]
+            part = _filter_chunk(chunk.x, gene_index, selection.min_genes_per_cell, use)
             x = part.x
             if spec.value_type == "counts":
                 x = _normalise_log1p(x)
@@ -540,6 +596,9 @@ def write_hvg_h5ad(
             )
         if selection.min_genes_per_cell > 0:
             obs["n_genes"] = selection.n_genes_per_cell
+        if obs_columns is not None:
+            for column in obs_columns.columns:
+                obs[column] = obs_columns[column].array
         obs = obs[written]
         for column in obs.columns:  # as AnnData subsetting does
             if isinstance(obs[column].dtype, pd.CategoricalDtype):
@@ -556,9 +615,10 @@ def write_hvg_h5ad(
                 "min_cells_per_gene": selection.min_cells_per_gene,
                 "min_genes_per_cell": selection.min_genes_per_cell,
                 "n_cells_input": int(files.n_cells),
-                "n_cells_filtered": int(files.n_cells - n_kept),
+                "n_cells_filtered": int(selection.n_cells_used - n_kept),
                 "n_cells_empty_in_hvgs": n_empty,
                 "source": source,
+                **(uns_hvg or {}),
             }
         }
         if spec.value_type == "counts":

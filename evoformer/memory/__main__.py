@@ -92,7 +92,10 @@ def _parser() -> argparse.ArgumentParser:
         "--experiment", default="all", help="grid point index (0-based) or 'all' (with --config)"
     )
     src.add_argument(
-        "--binned-meta", type=Path, help="binned meta.json (max_len when zero genes are dropped)"
+        "--binned-meta",
+        type=Path,
+        help="binned meta.json: the gene count (n_hvg, plus the perturbed genes of a "
+        "Perturb-seq dataset) and max_len (when zero genes are dropped)",
     )
     src.add_argument("--journal", action="store_true", help="the journal's configuration")
     src.add_argument("--af2", action="store_true", help="AlphaFold 2's Evoformer configuration")
@@ -190,9 +193,10 @@ def _from_config(
     points = grid(config)
     idx = range(len(points)) if args.experiment == "all" else [int(args.experiment)]
     include_zero = bool((config.get("binning") or {}).get("include_zero_genes", True))
-    max_len = None
+    max_len = n_genes = None
     if args.binned_meta is not None:
-        max_len = json.loads(args.binned_meta.read_text()).get("max_len")
+        meta = json.loads(args.binned_meta.read_text())
+        max_len, n_genes = meta.get("max_len"), meta.get("n_genes")
     out = []
     for i in idx:
         if not 0 <= i < len(points):
@@ -202,7 +206,7 @@ def _from_config(
         }
         s = spec(config, point, "holdout")
         shape = data_shape(
-            int(point["n_hvg"]),
+            int(n_genes if n_genes is not None else point["n_hvg"]),
             int(point["n_bins"]),
             include_zero,
             max_len,

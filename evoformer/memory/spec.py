@@ -223,7 +223,9 @@ def data_shape(
     """Data shape from the experiment: ``L = n_hvg`` with zero genes, else the binned ``max_len``.
 
     Args:
-        n_hvg: highly variable genes (the gene vocabulary ``G``).
+        n_hvg: highly variable genes (the gene vocabulary ``G``). A Perturb-seq dataset's
+            vocabulary also holds the perturbed genes outside the top ``n_hvg``
+            (:mod:`evoformer.data.hvg`): pass the binned ``meta.json``'s ``n_genes``.
         n_bins: expression bins ``K``.
         include_zero_genes: ``binning.include_zero_genes``.
         max_len: longest cell in the binned data (``meta.json``); needed when zero genes are
@@ -265,8 +267,10 @@ def resolve_data_shape(
     n_labels: int = 0,
     prior: bool = False,
 ) -> dict[str, Any]:
-    """Data shape of an experiment: from the binned ``meta.json`` when given (exact ``max_len``),
-    else from the config (``L = n_hvg``, exact with zero genes, an upper bound without)."""
+    """Data shape of an experiment: from the binned ``meta.json`` when given (exact ``max_len``
+    and gene count), else from the config (``L = G = n_hvg``: exact with zero genes, an upper
+    bound of L without; a lower bound for a Perturb-seq dataset, whose HVG set also holds its
+    perturbed genes)."""
     if binned_meta is not None and Path(binned_meta).is_file():
         try:
             meta = json.loads(Path(binned_meta).read_text())
