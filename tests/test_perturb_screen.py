@@ -12,6 +12,7 @@ import scipy.sparse as sp
 
 from evoformer.data import planted
 from evoformer.errors import InputError
+from evoformer.perturb import screen as screen_module
 from evoformer.perturb.conditions import CONTROL, condition_genes, make_condition
 from evoformer.perturb.screen import (
     SCPERTURB_TYPES,
@@ -94,13 +95,36 @@ def test_design_modules_and_conditions():
         assert {a, b} <= set(singles["condition"])
         assert (module[a] == module[b]) == (row["module_relation"] == "within")
         assert row["modules"] == f"{module[a]}+{module[b]}"
-        shared = _descendants(network, a) & _descendants(network, b)
+        shared = (_descendants(network, a) | {a}) & (_descendants(network, b) | {b})
         assert row["n_shared_descendants"] == len(shared)
+        assert row["additive"] == (not shared)
+        assert row["n_descendants"] == len(
+            (_descendants(network, a) | _descendants(network, b)) - {a, b}
+        )
+    assert not facts["additive"][facts["n_genes"] == 1].any()
     assert not facts["cooperative"].any() and (facts["perturbation"] == "knockdown").all()
     # with cross-module edges allowed, edges are still mostly within a module
     network = Screen({**SMALL, "cross_module_fraction": 0.2}).network()
     cross = (network["source"].map(module) != network["target"].map(module)).mean()
     assert 0.0 < cross < 0.5
+
+
+def test_many_singles_draw_doubles_by_rejection(monkeypatch):
+    """Past _ENUMERATE_PAIRS pairs of singles, doubles are drawn without listing the pairs."""
+    monkeypatch.setattr(screen_module, "_ENUMERATE_PAIRS", 0)
+    params = {**SMALL, "n_doubles_within": 6, "n_doubles_across": 9}
+    screen = Screen(params)
+    facts = screen.facts()
+    doubles = facts[facts["n_genes"] == 2]
+    assert doubles["module_relation"].value_counts().to_dict() == {"within": 6, "across": 9}
+    assert doubles["condition"].is_unique
+    module = dict(zip(screen.genes, screen.module, strict=True))
+    for _, row in doubles.iterrows():
+        a, b = condition_genes(row["condition"])
+        assert (module[a] == module[b]) == (row["module_relation"] == "within")
+    assert Screen(params).conditions == screen.conditions
+    with pytest.raises(InputError, match=r"^screen\.n_doubles_within=40: only \d+ within"):
+        Screen({**params, "n_doubles_within": 40})
 
 
 def test_latent_propagation_subset_equals_full():
@@ -165,8 +189,9 @@ def test_across_module_doubles_are_additive_without_cooperative_targets():
     truth = screen.truth()
     facts = screen.facts(truth)
     shift = dict(zip(facts["condition"], truth["abs_log_total_shift"], strict=True))
-    free = facts[(facts["n_genes"] == 2) & (facts["n_shared_descendants"] == 0)]
+    free = facts[facts["additive"]]
     assert (free["module_relation"] == "across").sum() == 4
+    assert (free["n_shared_descendants"] == 0).all()
     model, rng, n = screen.model, np.random.default_rng(1), 50
     types, eps = np.zeros(n, dtype=np.int64), rng.normal(0.0, 0.5, (n, 48))
     works, eff = rng.random((n, 2)) > 0.2, rng.uniform(0.3, 1.0, (n, 2))
@@ -314,6 +339,7 @@ def test_systematic_shift_moves_the_program_in_all_perturbed_cells():
     doubles = np.array([len(condition_genes(c)) == 2 for c in on.conditions])
     inter = (t_on["interaction"][doubles] * sign)[:, on.program]
     assert (inter.mean(axis=1) < -0.2).all()
+    assert off.facts()["additive"].sum() == 4 and not on.facts()["additive"].any()
 
 
 def _sha(path) -> str:
