@@ -205,18 +205,7 @@ class _Model:
             programs[t, genes] *= np.exp(sign * rng.lognormal(0.5, 0.5, n_de))
         programs /= programs.sum(axis=1, keepdims=True)
         self.baseline = np.log(programs)  # [T, G]
-        # DAG: a random topological order; parents drawn among earlier (regulator) genes
-        self.order = rng.permutation(g_n)
-        n_reg = p["n_regulators"] if p["n_regulators"] is not None else g_n
-        sources, targets = [], []
-        for k in range(1, g_n):
-            eligible = min(k, n_reg)
-            regulated = rng.random() < p["regulated_fraction"]
-            if not regulated or p["edges_per_gene"] == 0:
-                continue
-            chosen = rng.choice(eligible, size=min(p["edges_per_gene"], eligible), replace=False)
-            sources.extend(self.order[np.sort(chosen)])
-            targets.extend([self.order[k]] * len(chosen))
+        self.order, sources, targets = self._draw_dag(rng)
         n_e = len(sources)
         sign = rng.choice([-1.0, 1.0], size=n_e)
         weight = sign * p["weight_scale"] * rng.uniform(0.5, 1.5, n_e)
@@ -247,13 +236,49 @@ class _Model:
         latent = self.latent(types, eps, calibrate=True)
         self.z = float(np.exp(latent).sum(axis=1).mean())
 
+    def _draw_dag(self, rng: np.random.Generator) -> tuple[np.ndarray, list[int], list[int]]:
+        """The DAG: a random topological order [G]; parents drawn among earlier (regulator)
+        genes. Returns (order, edge sources, edge targets), each edge's source before its
+        target in the order. Subclasses draw other DAGs (evoformer.perturb.screen: modules)."""
+        p = self.p
+        g_n = p["n_genes"]
+        order = rng.permutation(g_n)
+        n_reg = p["n_regulators"] if p["n_regulators"] is not None else g_n
+        sources, targets = [], []
+        for k in range(1, g_n):
+            eligible = min(k, n_reg)
+            regulated = rng.random() < p["regulated_fraction"]
+            if not regulated or p["edges_per_gene"] == 0:
+                continue
+            chosen = rng.choice(eligible, size=min(p["edges_per_gene"], eligible), replace=False)
+            sources.extend(order[np.sort(chosen)])
+            targets.extend([order[k]] * len(chosen))
+        return order, sources, targets
+
     @property
     def block_cells(self) -> int:
         return max(16, _CELL_BUDGET // self.p["n_genes"])
 
-    def latent(self, types: np.ndarray, eps: np.ndarray, calibrate: bool = False) -> np.ndarray:
-        """Latent log-expression [n, G] of cells with ``types`` [n] and noise ``eps`` [n, G]."""
+    def latent(
+        self,
+        types: np.ndarray,
+        eps: np.ndarray,
+        calibrate: bool = False,
+        offset: np.ndarray | None = None,
+        clamp: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Latent log-expression [n, G] of cells with ``types`` [n] and noise ``eps`` [n, G].
+
+        Interventions (evoformer.perturb.screen): ``offset`` [n, G] is added to each gene's own
+        term (``b + eps``) before its parents' input, so it reaches the gene's descendants;
+        ``clamp`` = (cells [k], genes [k], values [k]) sets those entries (the genes' incoming
+        edges cut) and their descendants are propagated from the set values.
+        """
         latent = self.baseline[types] + eps
+        if offset is not None:
+            latent += offset
+        if clamp is not None:
+            latent[clamp[0], clamp[1]] = clamp[2]
         roots = self.depth == 0
         if calibrate:
             self._calibrate(latent, roots)
@@ -261,6 +286,8 @@ class _Model:
             z = (latent[:, parents] - self.mean[parents]) / self.sd[parents]
             act = _nonlinearity(self.p["nonlinearity"], z)
             latent[:, genes] += (block.T @ act.T).T
+            if clamp is not None:
+                latent[clamp[0], clamp[1]] = clamp[2]
             if calibrate:
                 self._calibrate(latent, genes)
         return latent
