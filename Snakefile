@@ -42,14 +42,15 @@ wildcard_constraints:
 include: "rules/memory.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
+include: "rules/perturbation.smk"
 
 
 rule all:
     default_target: True
     input:
         preprocess_targets(),
-        rules.tables.output,
-        rules.memory_table.output,
+        masked_expression_targets(),
+        perturbation_targets(),
 
 
 # Only the preprocessing stages of the base experiment: snakemake preprocess

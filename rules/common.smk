@@ -16,11 +16,15 @@ from evoformer.data.arrays import BINNED_FILES
 from evoformer.data.planted import resolve_planted_params
 from evoformer.errors import InputError
 from evoformer.memory.spec import MEMORY_TRAIN_KEYS
+from evoformer.perturb.evaluate import PerturbEvalParams
 from evoformer.perturb.layouts import PerturbSpec
+from evoformer.perturb.screen import resolve_screen_params
+from evoformer.perturb.splits import PerturbSplitParams
 
 PBMC68K_PATH = "resources/pbmc68k.h5ad"
 SYNTHETIC_DIR = "resources/synthetic"
 PLANTED_DIR = "resources/planted"
+SCREEN_DIR = "resources/screens"
 
 
 def canonical(obj):
@@ -53,6 +57,8 @@ def dataset_file(name):
         return f"{SYNTHETIC_DIR}/{name}.h5ad"
     if entry["kind"] == "planted":
         return f"{PLANTED_DIR}/{name}.h5ad"
+    if entry["kind"] == "screen":
+        return f"{SCREEN_DIR}/{name}.h5ad"
     if entry.get("paths"):
         return list(entry["paths"])
     return entry["path"]
@@ -90,6 +96,107 @@ def planted_config(name):
     return canonical(entry.get("planted", {}))
 
 
+def screen_config(name):
+    """Generator parameters of a synthetic screen and the layout it is written in (its
+    perturbation block's, the one it is read with)."""
+    entry = dataset_entry(name)
+    if entry["kind"] != "screen":
+        raise WorkflowError(f"dataset {name!r} is not of kind screen")
+    return canonical(
+        {"params": entry.get("screen", {}), "layout": entry["perturbation"]["layout"]}
+    )
+
+
+def screen_side_file(name, what):
+    """A synthetic screen's side file (what: truth, conditions, network); [] for other kinds."""
+    if dataset_entry(name)["kind"] != "screen":
+        return []
+    suffix = {
+        "truth": "_truth.npz",
+        "conditions": "_conditions.tsv",
+        "network": "_network.tsv",
+    }
+    return [f"{SCREEN_DIR}/{name}{suffix[what]}"]
+
+
+# ------------------------------------------------------------------ the perturbation benchmark
+def tasks():
+    return config["tasks"]
+
+
+def perturbation_config():
+    """The perturbation section (validated: check_config refuses the task without it)."""
+    return canonical(config["perturbation"])
+
+
+def perturbation_dir():
+    p = config["perturbation"]
+    return f"{hvg_dir(p['dataset'], p['n_hvg'])}/perturbation"
+
+
+def perturbation_split_params(split):
+    """One named split's parameters (perturbation.splits.<split>)."""
+    return canonical(config["perturbation"]["splits"][split])
+
+
+def perturbation_eval_files(name):
+    """``name`` (subgroups.tsv, per_condition.tsv, details.json) of every split's evaluation."""
+    return [
+        f"{perturbation_dir()}/{s}/eval/{name}"
+        for s in config["perturbation"]["splits"]
+    ]
+
+
+def masked_expression_targets():
+    """The masked-expression tables and memory table (task masked_expression)."""
+    if "masked_expression" not in tasks():
+        return []
+    return [*rules.tables.output, *rules.memory_table.output]
+
+
+def perturbation_targets():
+    """The perturbation chain's final outputs, and the binned variant built for models."""
+    if "perturbation" not in tasks():
+        return []
+    p = config["perturbation"]
+    return [
+        *binned_files(p["dataset"], p["n_hvg"], p["n_bins"]),
+        "results/tables/perturbation.tsv",
+        "results/tables/perturbation_summary.md",
+        "results/tables/perturbation_de_changes.png",
+    ]
+
+
+def perturbation_provenance():
+    """What every perturbation table row was made from (the split column is added per split)."""
+    p = config["perturbation"]
+    return {"dataset": p["dataset"], "n_hvg": p["n_hvg"], "git_commit": GIT_COMMIT}
+
+
+def check_perturbation():
+    """The perturbation section against the datasets (one line naming the key)."""
+    if "perturbation" not in tasks():
+        return
+    if "perturbation" not in config:
+        raise InputError(
+            "tasks: perturbation needs a perturbation section (perturbation.dataset)"
+        )
+    p = config["perturbation"]
+    if p["dataset"] not in config["datasets"]:
+        raise InputError(
+            f"perturbation.dataset: unknown dataset {p['dataset']!r}; "
+            f"datasets: {', '.join(sorted(config['datasets']))}"
+        )
+    if config["datasets"][p["dataset"]].get("perturbation") is None:
+        raise InputError(
+            f"perturbation.dataset: datasets.{p['dataset']} has no perturbation block "
+            "(how its cells' conditions are read)"
+        )
+    for name, split in p["splits"].items():
+        PerturbSplitParams.from_dict(split, f"perturbation.splits.{name}")
+    PerturbEvalParams.from_dict(p.get("evaluation"), "perturbation.evaluation")
+
+
 def hvg_config():
     return canonical(config["hvg"])
 
@@ -119,7 +226,10 @@ def split_file(dataset):
 
 
 def preprocess_targets(experiment=None):
-    """Binned files and split table of an experiment (default: the base experiment)."""
+    """Binned files and split table of an experiment (default: the base experiment; nothing
+    when the masked-expression task is not asked for)."""
+    if experiment is None and "masked_expression" not in tasks():
+        return []
     exp = config["experiment"] if experiment is None else experiment
     dataset_entry(exp["dataset"])
     return [
@@ -175,8 +285,24 @@ def check_config():
                 resolve_planted_params(
                     entry.get("planted") or {}, f"datasets.{ds}.planted"
                 )
+            if entry["kind"] == "screen":
+                if entry.get("perturbation") is None:
+                    raise InputError(
+                        f"datasets.{ds}.perturbation: a screen needs a perturbation block "
+                        "(layout: gears or scperturb, the layout it is written in)"
+                    )
+                screen = resolve_screen_params(
+                    entry.get("screen") or {}, f"datasets.{ds}.screen"
+                )
+                declared = entry["perturbation"].get("type")
+                if declared is not None and declared != screen["perturbation"]:
+                    raise InputError(
+                        f"datasets.{ds}.perturbation.type: {declared!r}, but the screen makes "
+                        f"{screen['perturbation']!r} perturbations (datasets.{ds}.screen)"
+                    )
             if entry.get("perturbation") is not None:
                 PerturbSpec.from_config(ds, entry["perturbation"])
+        check_perturbation()
         experiments.check(config, known_cells_by_label(name))
     except InputError as e:
         raise WorkflowError(f"invalid config: {e}") from None

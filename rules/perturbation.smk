@@ -1,6 +1,11 @@
 # The perturbation benchmark (task `perturbation`, config section `perturbation`): a Perturb-seq
 # screen goes hvg -> bin -> perturbation-level split -> baselines and evaluation on the test
-# conditions -> results/tables/perturbation*. The work is done by evoformer.perturb.
+# conditions -> results/tables/perturbation*, once per named split (perturbation.splits), all
+# splits side by side in the table. The work is done by evoformer.perturb.
+
+
+wildcard_constraints:
+    split="[A-Za-z0-9_.-]+",
 
 
 rule screen:
@@ -25,16 +30,17 @@ rule perturb_split:
     input:
         hvg="results/{dataset}/hvg{n_hvg}/hvg.h5ad",
     output:
-        split="results/{dataset}/hvg{n_hvg}/perturbation/split.tsv",
-        summary="results/{dataset}/hvg{n_hvg}/perturbation/split_conditions.tsv",
+        split="results/{dataset}/hvg{n_hvg}/perturbation/{split}/split.tsv",
+        summary="results/{dataset}/hvg{n_hvg}/perturbation/{split}/split_conditions.tsv",
     log:
-        "logs/perturbation/split_{dataset}_hvg{n_hvg}.log",
+        "logs/perturbation/split_{dataset}_hvg{n_hvg}_{split}.log",
     benchmark:
-        "results/benchmarks/perturbation/split_{dataset}_hvg{n_hvg}.tsv"
+        "results/benchmarks/perturbation/split_{dataset}_hvg{n_hvg}_{split}.tsv"
     conda:
         "../envs/workflow.yaml"
     params:
-        split=lambda wc: perturbation_config()["split"],
+        split=lambda wc: perturbation_split_params(wc.split),
+        where=lambda wc: f"perturbation.splits.{wc.split}",
     script:
         "../workflow_scripts/perturb_split.py"
 
@@ -42,16 +48,16 @@ rule perturb_split:
 rule perturb_evaluate:
     input:
         hvg="results/{dataset}/hvg{n_hvg}/hvg.h5ad",
-        split="results/{dataset}/hvg{n_hvg}/perturbation/split.tsv",
+        split="results/{dataset}/hvg{n_hvg}/perturbation/{split}/split.tsv",
         truth=lambda wc: screen_side_file(wc.dataset, "truth"),
     output:
-        subgroups="results/{dataset}/hvg{n_hvg}/perturbation/eval/subgroups.tsv",
-        per_condition="results/{dataset}/hvg{n_hvg}/perturbation/eval/per_condition.tsv",
-        details="results/{dataset}/hvg{n_hvg}/perturbation/eval/details.json",
+        subgroups="results/{dataset}/hvg{n_hvg}/perturbation/{split}/eval/subgroups.tsv",
+        per_condition="results/{dataset}/hvg{n_hvg}/perturbation/{split}/eval/per_condition.tsv",
+        details="results/{dataset}/hvg{n_hvg}/perturbation/{split}/eval/details.json",
     log:
-        "logs/perturbation/evaluate_{dataset}_hvg{n_hvg}.log",
+        "logs/perturbation/evaluate_{dataset}_hvg{n_hvg}_{split}.log",
     benchmark:
-        "results/benchmarks/perturbation/evaluate_{dataset}_hvg{n_hvg}.tsv"
+        "results/benchmarks/perturbation/evaluate_{dataset}_hvg{n_hvg}_{split}.tsv"
     conda:
         "../envs/workflow.yaml"
     resources:
@@ -69,10 +75,12 @@ rule perturb_evaluate:
 
 rule perturb_tables:
     input:
-        subgroups=f"{PERTURB_EVAL_DIR}/subgroups.tsv",
-        per_condition=f"{PERTURB_EVAL_DIR}/per_condition.tsv",
-        details=f"{PERTURB_EVAL_DIR}/details.json",
-        facts=lambda wc: screen_side_file(perturbation_config()["dataset"], "conditions"),
+        subgroups=lambda wc: perturbation_eval_files("subgroups.tsv"),
+        per_condition=lambda wc: perturbation_eval_files("per_condition.tsv"),
+        details=lambda wc: perturbation_eval_files("details.json"),
+        facts=lambda wc: screen_side_file(
+            perturbation_config()["dataset"], "conditions"
+        ),
     output:
         table=report(
             "results/tables/perturbation.tsv",
@@ -97,5 +105,6 @@ rule perturb_tables:
         "../envs/workflow.yaml"
     params:
         provenance=lambda wc: perturbation_provenance(),
+        splits=lambda wc: list(config["perturbation"]["splits"]),
     script:
         "../workflow_scripts/perturb_tables.py"

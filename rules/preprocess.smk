@@ -72,8 +72,12 @@ rule hvg:
     conda:
         "../envs/workflow.yaml"
     resources:
-        mem_mb=lambda wc, input, attempt: data_resources.mem_mb("hvg", input.size_mb, attempt),
-        runtime=lambda wc, input, attempt: data_resources.runtime_min("hvg", input.size_mb, attempt),
+        mem_mb=lambda wc, input, attempt: data_resources.mem_mb(
+            "hvg", input.size_mb, attempt
+        ),
+        runtime=lambda wc, input, attempt: data_resources.runtime_min(
+            "hvg", input.size_mb, attempt
+        ),
     params:
         dataset=lambda wc: expression_config(wc.dataset),
         hvg=hvg_config(),
@@ -102,8 +106,12 @@ rule bin:
         "../envs/workflow.yaml"
     threads: 4
     resources:
-        mem_mb=lambda wc, input, attempt: data_resources.mem_mb("bin", input.size_mb, attempt),
-        runtime=lambda wc, input, attempt: data_resources.runtime_min("bin", input.size_mb, attempt),
+        mem_mb=lambda wc, input, attempt: data_resources.mem_mb(
+            "bin", input.size_mb, attempt
+        ),
+        runtime=lambda wc, input, attempt: data_resources.runtime_min(
+            "bin", input.size_mb, attempt
+        ),
     params:
         binning=binning_config(),
     script:
@@ -122,8 +130,12 @@ rule split:
     conda:
         "../envs/workflow.yaml"
     resources:
-        mem_mb=lambda wc, input, attempt: data_resources.mem_mb("split", input.size_mb, attempt),
-        runtime=lambda wc, input, attempt: data_resources.runtime_min("split", input.size_mb, attempt),
+        mem_mb=lambda wc, input, attempt: data_resources.mem_mb(
+            "split", input.size_mb, attempt
+        ),
+        runtime=lambda wc, input, attempt: data_resources.runtime_min(
+            "split", input.size_mb, attempt
+        ),
     params:
         label_key=lambda wc: dataset_entry(wc.dataset)["label_key"],
         split=split_config(),

@@ -192,3 +192,15 @@ def test_the_journal_config_passes_the_preflight_on_two_a100s() -> None:
         safety_margin=mem["safety_margin"],
     )
     assert result.fits
+
+
+def test_schema_lists_exactly_the_perturbation_benchmark_keys() -> None:
+    from evoformer.perturb.evaluate import PerturbEvalParams
+    from evoformer.perturb.splits import ControlFractions, PerturbSplitParams
+
+    section = SCHEMA["properties"]["perturbation"]["properties"]
+    split = section["splits"]["additionalProperties"]
+    assert set(split["properties"]) == names(PerturbSplitParams)
+    fractions = split["properties"]["control_fractions"]["properties"]
+    assert set(fractions) == names(ControlFractions)
+    assert set(section["evaluation"]["properties"]) == names(PerturbEvalParams)

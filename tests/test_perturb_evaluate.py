@@ -125,6 +125,7 @@ def test_driver_tables_and_byte_identical_rerun(screen, tmp_path):
         "perturbed_gene_delta_true",
         "perturbed_gene_delta_pred",
         "perturbed_gene_delta_truth",
+        "truth_interaction_msq",
     ]
     assert sorted(set(per["condition"])) == TEST
     assert list(per["method"].unique()) == ["model", *BASELINES]
@@ -141,6 +142,14 @@ def test_driver_tables_and_byte_identical_rerun(screen, tmp_path):
     keep = np.arange(2, N_GENES)  # G0, G1 left out
     want = np.mean((add[keep] - _mean(screen, "G0+G1")[keep]) ** 2)
     assert by.loc[("G0+G1", "additive"), "mse"] == pytest.approx(want, rel=1e-5)
+    # the noise-free interaction's mean square over the scored genes, doubles only
+    with np.load(screen["truth"]) as z:
+        row = list(z["conditions"]).index("G0+G1")
+        genes = [str(g) for g in z["genes"]]
+        inter = z["interaction"][row][[genes.index(g) for g in GENES[2:]]]
+    msq = by.xs("oracle", level="method")["truth_interaction_msq"]
+    assert msq["G0+G1"] == pytest.approx(np.mean(inter.astype(np.float64) ** 2), rel=1e-5)
+    assert np.isnan(msq["G4"])
     # undefined stays missing: no_change has no pearson_delta, additive no interaction on G0+G1
     assert by.xs("no_change", level="method")["pearson_delta"].isna().all()
     assert math.isnan(by.loc[("G0+G1", "additive"), "pearson_interaction"])

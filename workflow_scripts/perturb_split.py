@@ -17,4 +17,5 @@ run_step(
     params=dict(snakemake.params.split),
     out_tsv=snakemake.output.split,
     summary_tsv=snakemake.output.summary,
+    where=snakemake.params.where,
 )

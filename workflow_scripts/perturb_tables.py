@@ -14,7 +14,10 @@ facts = snakemake.input.facts
 run_step(
     snakemake.log[0],
     write_perturbation_tables,
-    eval_dir=str(Path(snakemake.input.subgroups).parent),
+    eval_dirs={
+        split: str(Path(path).parent)
+        for split, path in zip(snakemake.params.splits, snakemake.input.subgroups, strict=True)
+    },
     provenance=dict(snakemake.params.provenance),
     table=snakemake.output.table,
     summary=snakemake.output.summary,

@@ -11,11 +11,11 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent))
 from evoformer.data.step import run_step  # noqa: E402
 from evoformer.perturb.screen import write_screen  # noqa: E402
 
-params = dict(snakemake.params.screen)
+screen = dict(snakemake.params.screen)
 run_step(
     snakemake.log[0],
     write_screen,
     out_h5ad=snakemake.output.h5ad,
-    params={k: v for k, v in params.items() if k != "layout"},
-    layout=params.get("layout", "gears"),
+    params=dict(screen["params"]),
+    layout=screen["layout"],
 )

@@ -19,7 +19,9 @@
     one row per test condition and method: ``condition``, ``subgroup``, ``n_cells``,
     ``method``, every metric of :data:`~evoformer.perturb.metrics.METRICS` (then
     ``truth_<metric>`` with a truth), ``perturbed_gene_delta_true``,
-    ``perturbed_gene_delta_pred`` (and ``perturbed_gene_delta_truth``);
+    ``perturbed_gene_delta_pred`` (and ``perturbed_gene_delta_truth``, and for doubles
+    ``truth_interaction_msq``: the mean square of the noise-free interaction term over the
+    scored genes, the MSE that an additive model of exact singles makes);
 ``subgroups.tsv``
     :data:`~evoformer.perturb.metrics.SUBGROUP_COLUMNS`: per subgroup (and ``all``), method
     and metric, the mean over conditions with its 95% bootstrap interval, the number of
@@ -321,19 +323,29 @@ def evaluate_perturbation(
     # 5. tables
     subgroups = [subgroup_of[c] for c in test]
     extra_cols = ["perturbed_gene_delta_true", "perturbed_gene_delta_pred"]
-    if truth_delta is not None:
+    interaction_msq = {}
+    if truth_delta is not None and truth_inter is not None:
         extra_cols.append("perturbed_gene_delta_truth")
+        # the noise-free interaction's mean square over the scored genes: what additivity
+        # costs on a double even with exact singles (the MSE of ctrl + delta_A + delta_B)
+        for c in test:
+            keep = np.array([g not in condition_genes(c) for g in genes])
+            msq = np.mean(truth_inter[c][keep] ** 2) if n_perturbed(c) == 2 else math.nan
+            interaction_msq[c] = msq
     table = []
     for i, c in enumerate(test):
         for name in order:
             row = {"condition": c, "subgroup": subgroups[i], "n_cells": n_cells[c], "method": name}
             row.update({m: values[name][m][i] for m in metric_names})
             row.update({k: extra[name][k][i] for k in extra_cols})
+            if interaction_msq:
+                row["truth_interaction_msq"] = interaction_msq[c]
             table.append(row)
     out_dir.mkdir(parents=True, exist_ok=True)
+    fact_cols = ["truth_interaction_msq"] if interaction_msq else []
     write_tsv(
         out_dir / "per_condition.tsv",
-        ["condition", "subgroup", "n_cells", "method", *metric_names, *extra_cols],
+        ["condition", "subgroup", "n_cells", "method", *metric_names, *extra_cols, *fact_cols],
         table,
     )
     summary = summarise_subgroups(

@@ -39,6 +39,8 @@ HEADLINE = {
     "centroid_acc": "centroid accuracy",
     "pearson_interaction": "Pearson of the interaction term (doubles)",
 }
+#: Headline metrics also stated against the noise-free truth (synthetic screens).
+TRUTH_HEADLINE = ("pearson_delta", "pearson_interaction")
 METHOD_NAMES = {
     "no_change": "no change",
     "mean_perturbation": "mean perturbation",
@@ -62,13 +64,17 @@ def read_subgroups(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def perturbation_table(
-    subgroups: pd.DataFrame, provenance: dict[str, Any], out: str | os.PathLike
+    splits: dict[str, pd.DataFrame], provenance: dict[str, Any], out: str | os.PathLike
 ) -> None:
-    """Write ``perturbation.tsv``: ``provenance`` columns (dataset, n_hvg, split kind, commit...)
-    then :data:`~evoformer.perturb.metrics.SUBGROUP_COLUMNS`, one row per subgroup, method and
-    metric, in the evaluation's order."""
-    front = list(provenance)
-    rows = [{**provenance, **row} for row in subgroups.to_dict("records")]
+    """Write ``perturbation.tsv``: ``provenance`` columns (dataset, n_hvg, commit...), ``split``,
+    then :data:`~evoformer.perturb.metrics.SUBGROUP_COLUMNS`: one row per split, subgroup,
+    method and metric, in the evaluation's order."""
+    front = [*provenance, "split"]
+    rows = [
+        {**provenance, "split": name, **row}
+        for name, subgroups in splits.items()
+        for row in subgroups.to_dict("records")
+    ]
     write_tsv(out, front + list(SUBGROUP_COLUMNS), rows)
 
 
@@ -128,129 +134,190 @@ def _metric_sentence(block: pd.DataFrame, metric: str, name: str) -> str | None:
     return "- " + " ".join(parts)
 
 
+#: How a double's genes combine in a synthetic screen (``<screen>_conditions.tsv`` facts).
+DOUBLE_KINDS = (
+    (
+        "additive",
+        "no planted interaction and no shared descendant (additive but for normalisation)",
+    ),
+    ("natural", "a shared descendant (interacting through the network's saturation)"),
+    ("cooperative", "planted cooperative targets (a synergy)"),
+)
+
+
+def _double_kind(fact: pd.Series) -> str:
+    if str(fact["cooperative"]) == "True":
+        return "cooperative"
+    return "additive" if str(fact["additive"]) == "True" else "natural"
+
+
 def _interaction_paragraph(per_condition: pd.DataFrame, facts: pd.DataFrame) -> list[str]:
-    """Additive vs the noise-free truth on test doubles with and without planted interactions."""
-    if "truth_mse" not in per_condition.columns or "cooperative" not in facts.columns:
+    """Additive vs the noise-free truth on the test doubles whose singles were both trained on
+    (``combo_seen2``: where the additive model is defined), by how their genes combine."""
+    needed = {"cooperative", "additive", "condition"}
+    if "truth_mse" not in per_condition.columns or not needed <= set(facts.columns):
         return []
-    coop = dict(zip(facts["condition"], facts["cooperative"].astype(str) == "True", strict=True))
-    doubles = per_condition[per_condition["condition"].str.contains("+", regex=False)]
-    doubles = doubles[doubles["condition"].isin(coop)]
+    kind = {f["condition"]: _double_kind(f) for _, f in facts.iterrows()}
+    doubles = per_condition[
+        (per_condition["subgroup"] == "combo_seen2") & per_condition["condition"].isin(kind)
+    ]
     if doubles.empty:
         return []
-    lines = ["### Doubles: is the additive model enough?", ""]
-    for flag, what in ((False, "without"), (True, "with")):
-        sel = doubles[doubles["condition"].map(coop) == flag]
-        n = sel["condition"].nunique()
-        if not n:
+    lines = [
+        "Doubles with both singles in training (`combo_seen2`): does the additive model reach "
+        "the noise-free truth? Mean over the doubles of the MSE against the truth (the oracle "
+        "scores 0):",
+        "",
+    ]
+    for key, what in DOUBLE_KINDS:
+        sel = doubles[doubles["condition"].map(kind) == key]
+        if sel.empty:
             continue
-        by = sel.groupby("method")["truth_mse"].mean()
-        spread = sel.groupby("method")["truth_pearson_delta"].mean()
-        if "additive" not in by:
-            continue
-        lines.append(
-            f"- Test doubles {what} a planted interaction ({n}): additive's MSE against the "
-            f"noise-free truth {_g3(by['additive'])} (Pearson-delta {_g3(spread['additive'])}), "
-            f"the oracle's {_g3(by.get('oracle'))}, no change {_g3(by.get('no_change'))}."
+        mse = sel.groupby("method")["truth_mse"].mean()
+        floor = ""
+        if "truth_interaction_msq" in sel.columns:
+            floor = (
+                f" (with exact singles it would be {_g3(sel['truth_interaction_msq'].mean())}, "
+                "the interaction's mean square; the rest is the noise of the observed singles)"
+            )
+        others = ", ".join(
+            f"{METHOD_NAMES.get(m, m)} {_g3(mse[m])}"
+            for m in COMPETITORS
+            if m in mse and m != "additive"
         )
-    return [*lines, ""] if len(lines) > 2 else []
+        lines.append(
+            f"- {sel['condition'].nunique()} with {what}: additive {_g3(mse.get('additive'))}"
+            f"{floor}; "
+            f"{others}."
+        )
+    return [*lines, ""]
 
 
-def summary_markdown(
+def _split_section(
+    name: str,
     subgroups: pd.DataFrame,
     details: dict[str, Any],
-    provenance: dict[str, Any],
-    per_condition: pd.DataFrame | None = None,
-    facts: pd.DataFrame | None = None,
-) -> str:
-    """``perturbation_summary.md``: the subgroup table in sentences (see the module doc)."""
+    per_condition: pd.DataFrame | None,
+    facts: pd.DataFrame | None,
+) -> list[str]:
     n_test = len(details.get("test_conditions", {}))
     n_train = len(details.get("train_conditions", []))
     lines = [
-        "# Perturbation benchmark",
+        f"## Split `{name}`",
         "",
-        f"Dataset `{provenance.get('dataset')}` ({provenance.get('n_genes', details.get('n_genes'))}"
-        f" genes), split `{provenance.get('split')}`, commit `{provenance.get('git_commit')}`. "
-        f"{n_test} test conditions are predicted from {n_train} training conditions and "
-        f"{details.get('n_train_control_cells')} training control cells; no test condition has a "
-        "cell in training. Every number is a mean over test conditions (each condition's mean "
-        "log1p expression), with a 95% bootstrap interval over conditions; the perturbed genes "
-        "are left out of every metric. Baselines are fitted on training conditions only; the "
-        "strongest baseline is named per subgroup and metric (the oracle, the noise-free truth of "
-        "a synthetic screen, is a ceiling, never a competitor).",
+        f"{n_test} test conditions predicted from {n_train} training conditions and "
+        f"{details.get('n_train_control_cells')} training control cells.",
         "",
     ]
-    order = list(dict.fromkeys(subgroups["subgroup"]))
-    for sub in order:
+    for sub in dict.fromkeys(subgroups["subgroup"]):
         block = subgroups[subgroups["subgroup"] == sub]
         n = int(block["n_conditions"].max())
-        lines += [f"## {SUBGROUP_NAMES.get(sub, sub)} (`{sub}`, {n} conditions)", ""]
-        for metric, name in HEADLINE.items():
-            sentence = _metric_sentence(block, metric, name)
-            if sentence:
-                lines.append(sentence)
-        truth = _metric_sentence(block, TRUTH_PREFIX + "pearson_delta", HEADLINE["pearson_delta"])
-        if truth:
-            lines.append(truth.replace("**Pearson", "**Against the noise-free truth: Pearson", 1))
+        lines += [f"### {SUBGROUP_NAMES.get(sub, sub)} (`{sub}`, {n} conditions)", ""]
+        for metric, label in HEADLINE.items():
+            for prefix in ("", TRUTH_PREFIX):
+                if prefix and metric not in TRUTH_HEADLINE:
+                    continue
+                sentence = _metric_sentence(block, prefix + metric, label)
+                if sentence and prefix:
+                    sentence = sentence.replace("- **", "- **Against the noise-free truth: ", 1)
+                if sentence:
+                    lines.append(sentence)
         lines.append("")
     if per_condition is not None and facts is not None:
         lines += _interaction_paragraph(per_condition, facts)
+    return lines
+
+
+def summary_markdown(
+    splits: dict[str, dict[str, Any]],
+    provenance: dict[str, Any],
+    facts: pd.DataFrame | None = None,
+) -> str:
+    """``perturbation_summary.md``: the table in sentences (see the module doc). ``splits``:
+    name -> {"subgroups": DataFrame, "details": dict, "per_condition": DataFrame}."""
+    any_details = next(iter(splits.values()))["details"]
+    lines = [
+        "# Perturbation benchmark",
+        "",
+        f"Dataset `{provenance.get('dataset')}` ({any_details.get('n_genes')} genes), commit "
+        f"`{provenance.get('git_commit')}`. Each split is evaluated on its own: no test "
+        "condition has a cell in training. Every number is a mean over test conditions (each "
+        "condition's mean log1p expression), with a 95% bootstrap interval over conditions; "
+        "the perturbed genes are left out of every metric. Baselines are fitted on training "
+        "conditions and training control cells only; the strongest baseline is named per "
+        "subgroup and metric (the oracle, the noise-free truth of a synthetic screen, is a "
+        "ceiling, never a competitor). A metric that is undefined for a condition (a constant "
+        "prediction has no correlation) is left out of its mean and counted.",
+        "",
+    ]
+    for name, split in splits.items():
+        lines += _split_section(
+            name, split["subgroups"], split["details"], split.get("per_condition"), facts
+        )
     return "\n".join(lines) + "\n"
 
 
-def plot_de_changes(details: dict[str, Any], out: str | os.PathLike) -> None:
-    """Predicted vs true change (``- ctrl``) over each figure condition's top DE genes."""
+def plot_de_changes(splits: dict[str, dict[str, Any]], out: str | os.PathLike) -> None:
+    """Predicted vs true change (``- ctrl``) over the top DE genes of each split's figure
+    conditions: one row of panels per split (``splits``: name -> details.json content)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    panels = details.get("figure") or []
-    n = max(1, len(panels))
-    fig = Figure(figsize=(4.2 * n, 3.6), layout="constrained")
-    axes = fig.subplots(1, n, squeeze=False)[0]
+    rows = {name: details.get("figure") or [] for name, details in splits.items()}
+    n_cols = max([1, *(len(p) for p in rows.values())])
+    fig = Figure(figsize=(4.2 * n_cols, 3.6 * len(rows)), layout="constrained")
+    grid = fig.subplots(len(rows), n_cols, squeeze=False)
     markers = dict(zip(BASELINES, "osD^vP", strict=False))
-    for ax, panel in zip(axes, panels, strict=False):
-        x = np.arange(len(panel["genes"]))
-        ax.axhline(0, color="0.8", lw=0.8)
-        ax.plot(x, panel["true_delta"], "k_", ms=14, mew=2, label="observed")
-        if panel.get("truth_delta") is not None:
-            ax.plot(x, panel["truth_delta"], "_", color="0.5", ms=14, mew=2, label="noise-free")
-        for method, values in sorted(panel["pred_delta"].items()):
-            if method == "oracle":
-                continue
-            ax.plot(x, values, markers.get(method, "*"), ms=4, alpha=0.8, label=method)
-        ax.set_xticks(x, panel["genes"], rotation=90, fontsize=6)
-        ax.set_title(f"{panel['condition']} ({panel['subgroup']})", fontsize=9)
-        ax.set_ylabel("change vs control (log1p)")
-    if not panels:
-        axes[0].text(0.5, 0.5, "no test condition", ha="center", va="center")
-    else:
-        axes[-1].legend(fontsize=6, loc="best")
+    for axes, (name, panels) in zip(grid, rows.items(), strict=True):
+        for ax in axes[len(panels) :]:
+            ax.set_axis_off()
+        if not panels:
+            axes[0].text(0.5, 0.5, f"{name}: no test condition", ha="center", va="center")
+        for ax, panel in zip(axes, panels, strict=False):
+            x = np.arange(len(panel["genes"]))
+            ax.axhline(0, color="0.8", lw=0.8)
+            ax.plot(x, panel["true_delta"], "k_", ms=14, mew=2, label="observed")
+            if panel.get("truth_delta") is not None:
+                ax.plot(x, panel["truth_delta"], "_", color="0.5", ms=14, mew=2, label="noise-free")
+            for method, values in sorted(panel["pred_delta"].items()):
+                if method != "oracle":
+                    ax.plot(x, values, markers.get(method, "*"), ms=4, alpha=0.8, label=method)
+            ax.set_xticks(x, panel["genes"], rotation=90, fontsize=6)
+            ax.set_title(f"{name}: {panel['condition']} ({panel['subgroup']})", fontsize=9)
+            ax.set_ylabel("change vs control (log1p)")
+        if panels:
+            axes[len(panels) - 1].legend(fontsize=6, loc="best")
     with atomic_path(Path(out)) as tmp:
-        fig.savefig(tmp, dpi=120, metadata={"Software": None})
+        fig.savefig(tmp, dpi=110, metadata={"Software": None})
 
 
 def write_perturbation_tables(
-    eval_dir: str | os.PathLike,
+    eval_dirs: dict[str, str | os.PathLike],
     provenance: dict[str, Any],
     table: str | os.PathLike,
     summary: str | os.PathLike,
     figure: str | os.PathLike,
     facts: str | os.PathLike | None = None,
 ) -> None:
-    """The ``perturbation_tables`` step: from an evaluation folder (``subgroups.tsv``,
-    ``per_condition.tsv``, ``details.json``) and, for a synthetic screen, its per-condition facts
-    (``<screen>_conditions.tsv``), write the table, the summary and the figure."""
+    """The ``perturb_tables`` step: from each split's evaluation folder (``subgroups.tsv``,
+    ``per_condition.tsv``, ``details.json``; ``eval_dirs``: split name -> folder) and, for a
+    synthetic screen, its per-condition facts (``<screen>_conditions.tsv``), write the table,
+    the summary and the figure."""
     import json
 
     from evoformer.io import write_text_atomic
 
-    eval_dir = Path(eval_dir)
-    subgroups = read_subgroups(eval_dir / "subgroups.tsv")
-    details = json.loads((eval_dir / "details.json").read_text())
-    per_condition = pd.read_csv(eval_dir / "per_condition.tsv", sep="\t", na_values=["NA"])
+    splits = {}
+    for name, folder in eval_dirs.items():
+        folder = Path(folder)
+        splits[name] = {
+            "subgroups": read_subgroups(folder / "subgroups.tsv"),
+            "details": json.loads((folder / "details.json").read_text()),
+            "per_condition": pd.read_csv(folder / "per_condition.tsv", sep="\t", na_values=["NA"]),
+        }
     facts_table = pd.read_csv(facts, sep="\t", dtype=str) if facts else None
-    perturbation_table(subgroups, provenance, table)
-    text = summary_markdown(subgroups, details, provenance, per_condition, facts_table)
-    write_text_atomic(summary, text)
-    plot_de_changes(details, figure)
+    perturbation_table({k: v["subgroups"] for k, v in splits.items()}, provenance, table)
+    write_text_atomic(summary, summary_markdown(splits, provenance, facts_table))
+    plot_de_changes({k: v["details"] for k, v in splits.items()}, figure)
