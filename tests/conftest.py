@@ -47,6 +47,7 @@ LONG_FIRST = (
     "test_workflow_kill.py",
     "test_workflow_preprocess.py",
     "test_workflow_memory.py",
+    "test_workflow_perturbation.py",
     "test_train.py",
     "test_gpu_check.py",
     "test_memory_preflight.py",
