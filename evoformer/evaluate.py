@@ -51,7 +51,7 @@ import evoformer
 from evoformer.baselines import BASELINES, fit_baselines
 from evoformer.data.arrays import BinnedData
 from evoformer.errors import InputError
-from evoformer.io import atomic_path, write_text_atomic
+from evoformer.io import atomic_path, json_safe, write_text_atomic
 from evoformer.metrics import (
     EXPR_METRICS,
     LOWER_IS_BETTER,
@@ -735,19 +735,6 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf -> None, numpy scalars -> Python (strict JSON)."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def evaluate(
     model_path: str | os.PathLike,
     binned: str | os.PathLike,
@@ -945,7 +932,7 @@ def evaluate(
         "details": details,
         "versions": package_versions(),
     }
-    result = _json_safe(result)
+    result = json_safe(result)
     write_text_atomic(paths["metrics"], json.dumps(result, indent=2) + "\n")
     return result
 

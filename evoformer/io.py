@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -93,3 +94,19 @@ def npy_rows_writer(
         yield write
         if written != shape[0]:
             raise ValueError(f"{path}: {written} of {shape[0]} rows written")
+
+
+def json_safe(obj: Any, digits: int | None = None) -> Any:
+    """NaN/inf -> None, numpy scalars -> Python (strict JSON); with ``digits``, floats rounded
+    to that many significant digits."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v, digits) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            return None
+        return obj if digits is None else float(f"{obj:.{digits}g}")
+    return obj

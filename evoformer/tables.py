@@ -113,7 +113,7 @@ class Record:
             return {}
         last = val.sort_values("step", kind="stable").iloc[-1]
         cols = [c for c in self.curves.columns if c.startswith("val_")]
-        return {c: _float(last[c]) for c in cols}
+        return {c: as_float(last[c]) for c in cols}
 
     def train_loss(self) -> float:
         """The last logged training loss (NaN when there is no curve)."""
@@ -121,7 +121,9 @@ class Record:
             return math.nan
         tr = self.curves[self.curves["kind"] == "train"]
         return (
-            _float(tr.sort_values("step", kind="stable")["loss"].iloc[-1]) if len(tr) else math.nan
+            as_float(tr.sort_values("step", kind="stable")["loss"].iloc[-1])
+            if len(tr)
+            else math.nan
         )
 
 
@@ -213,7 +215,8 @@ def _plain(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
-def _float(v: Any) -> float:
+def as_float(v: Any) -> float:
+    """A table cell as a float (NaN for missing or non-numeric values)."""
     try:
         return float(v)
     except (TypeError, ValueError):
@@ -357,12 +360,12 @@ BASELINE_NAMES = {
 
 
 def _g4(v: Any) -> str:
-    v = _float(v)
+    v = as_float(v)
     return "NA" if math.isnan(v) else f"{v:.4g}"
 
 
 def _ci(m: dict[str, Any], key: str) -> str:
-    lo, hi = _float(m.get(f"{key}_lo")), _float(m.get(f"{key}_hi"))
+    lo, hi = as_float(m.get(f"{key}_lo")), as_float(m.get(f"{key}_hi"))
     if math.isnan(lo) or math.isnan(hi):
         return "no interval"
     return f"95% CI {lo:.4g} to {hi:.4g}"
@@ -411,8 +414,8 @@ def summary_markdown(
         lines += [f"## {_label(r.point, sweep_keys)} ({where})", ""]
         n_params = m.get("n_parameters")
         lines.append(
-            f"{int(_float(m.get('n_masked')) or 0)} masked values in the test cells "
-            f"({int(_float(m.get('n_masked_nonzero')) or 0)} non-zero); model parameters: "
+            f"{int(as_float(m.get('n_masked')) or 0)} masked values in the test cells "
+            f"({int(as_float(m.get('n_masked_nonzero')) or 0)} non-zero); model parameters: "
             f"{fmt(n_params)}."
         )
         lines.append("")
@@ -422,14 +425,16 @@ def summary_markdown(
                 continue
             best = m.get(f"best_baseline_{metric}", "mean")
             low = LOWER_IS_BETTER[metric]
-            v = verdict(_float(m.get(f"diff_{metric}_lo")), _float(m.get(f"diff_{metric}_hi")), low)
+            v = verdict(
+                as_float(m.get(f"diff_{metric}_lo")), as_float(m.get(f"diff_{metric}_hi")), low
+            )
             wins += v == "the model is better"
             losses += v == "the baseline is better"
             floor = ""
-            if not math.isnan(_float(m.get(f"diff_mean_{metric}"))) and best != "mean":
+            if not math.isnan(as_float(m.get(f"diff_mean_{metric}"))) and best != "mean":
                 v_mean = verdict(
-                    _float(m.get(f"diff_mean_{metric}_lo")),
-                    _float(m.get(f"diff_mean_{metric}_hi")),
+                    as_float(m.get(f"diff_mean_{metric}_lo")),
+                    as_float(m.get(f"diff_mean_{metric}_hi")),
                     low,
                 )
                 floor = (
@@ -452,20 +457,20 @@ def summary_markdown(
             f"{len(EXPR_METRICS)} metrics and loses on {losses}.",
             "",
         ]
-        auprc = _float(m.get("grn_model_auprc"))
+        auprc = as_float(m.get("grn_model_auprc"))
         if not math.isnan(auprc):
             lines += [
                 f"Network recovery (AUPRC against the known network): model attention "
-                f"{auprc:.3g}, ridge coefficients {_float(m.get('grn_ridge_auprc')):.3g}, "
-                f"random {_float(m.get('grn_random_auprc')):.3g}.",
+                f"{auprc:.3g}, ridge coefficients {as_float(m.get('grn_ridge_auprc')):.3g}, "
+                f"random {as_float(m.get('grn_random_auprc')):.3g}.",
                 "",
             ]
     if cv_rows:
         lines += ["## Model selection", ""]
         ranked = sorted((r for r in cv_rows if r.get("rank")), key=lambda r: r["rank"])
         for row in ranked:
-            mean = _float(row.get(f"{selection_metric}_mean"))
-            std = _float(row.get(f"{selection_metric}_std"))
+            mean = as_float(row.get(f"{selection_metric}_mean"))
+            std = as_float(row.get(f"{selection_metric}_std"))
             lines.append(
                 f"{row['rank']}. {_label(row, sweep_keys)}: {selection_metric} {_g4(mean)}"
                 + (f" ± {_g4(std)} over {row['n_folds']} folds" if not math.isnan(std) else "")
@@ -580,7 +585,7 @@ def selection(
         return None
     recs = load_records(records, sweep_keys)
     chosen = [r for r in recs if r.point == selected and r.is_cv]
-    epochs = [_float(r.perf.get("selected_epochs")) for r in chosen]
+    epochs = [as_float(r.perf.get("selected_epochs")) for r in chosen]
     epochs = [e for e in epochs if not math.isnan(e)]
     return {
         "selected": selected,
@@ -641,8 +646,8 @@ def plot_metric_vs_key(
             for name, members in series.items():
                 members = sorted(members, key=lambda r: xpos[fmt(r.get(key, "base"))])
                 x = [xpos[fmt(r.get(key, "base"))] for r in members]
-                y = [_float(r[f"{metric}_mean"]) for r in members]
-                e = [_float(r.get(f"{metric}_std")) for r in members]
+                y = [as_float(r[f"{metric}_mean"]) for r in members]
+                e = [as_float(r.get(f"{metric}_std")) for r in members]
                 e = [0.0 if math.isnan(v) else v for v in e]
                 ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=name if others else None)
                 for xi, yi, r in zip(x, y, members, strict=True):

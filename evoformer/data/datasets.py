@@ -173,7 +173,10 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _open_h5ad(path: Path) -> h5py.File:
+def open_h5ad(path: str | os.PathLike) -> h5py.File:
+    """Open an .h5ad file for reading with h5py (the caller closes it); a missing, unreadable
+    or non-AnnData file is a one-line InputError naming it."""
+    path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
@@ -331,7 +334,7 @@ def read_cells(
     paths = _as_paths(path)
     parts = []
     for p in paths:
-        with _open_h5ad(p) as f:
+        with open_h5ad(p) as f:
             index, _ = _frame_index(f, "obs", p)
             _check_unique(index, p, "cell")
             cells = pd.DataFrame({"cell_id": index})
@@ -384,7 +387,7 @@ def load_expression(path: str | os.PathLike, spec: DatasetSpec) -> ad.AnnData:
     path = Path(path)
     where = f"datasets.{spec.name}"
     x_key, var_key = _expression_keys(spec)
-    with _open_h5ad(path) as f:
+    with open_h5ad(path) as f:
         if x_key not in f:
             raise InputError(f"{path}: has no {x_key} ({where}.expression: {spec.expression})")
         try:
@@ -657,7 +660,7 @@ class ExpressionFiles:
 
     def _open_part(self, path: Path, scratch: str | None) -> None:
         where = f"datasets.{self.spec.name}"
-        f = _open_h5ad(path)
+        f = open_h5ad(path)
         self._files.append(f)
         if self.x_key not in f:
             raise InputError(

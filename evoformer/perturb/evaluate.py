@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 
 from evoformer.errors import InputError
-from evoformer.io import write_text_atomic
+from evoformer.io import json_safe, write_text_atomic
 from evoformer.perturb.baselines import BASELINES, COMPETITORS, TrainingMeans, fit_baselines
 from evoformer.perturb.conditions import CONTROL, condition_genes, make_condition, n_perturbed
 from evoformer.perturb.de import top_de_genes
@@ -369,7 +369,7 @@ def evaluate_perturbation(
         "figure": _figure(test, subgroups, n_cells, de, genes, ctrl, refs, preds, order, p),
     }
     write_text_atomic(
-        out_dir / "details.json", json.dumps(_rounded(details), indent=1, sort_keys=True) + "\n"
+        out_dir / "details.json", json.dumps(json_safe(details, 6), indent=1, sort_keys=True) + "\n"
     )
     return details
 
@@ -415,16 +415,3 @@ def _figure(
             entry["truth_delta"] = (refs[TRUTH_PREFIX].true[i, idx] - ctrl[idx]).tolist()
         out.append(entry)
     return out
-
-
-def _rounded(obj: Any) -> Any:
-    """Floats to 6 significant digits, NaN/inf -> None, numpy scalars -> Python (strict JSON)."""
-    if isinstance(obj, dict):
-        return {k: _rounded(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_rounded(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float):
-        return float(f"{obj:.6g}") if math.isfinite(obj) else None
-    return obj

@@ -70,8 +70,8 @@ from evoformer.data.datasets import (
     _check_unique_across,
     _expression_keys,
     _frame_index,
-    _open_h5ad,
     gene_names,
+    open_h5ad,
     read_frame_column,
     shared_gene_names,
 )
@@ -410,7 +410,7 @@ def read_perturbation_obs(
         raise InputError(f"datasets.{dataset.name}: no dataset files given")
     parts = []
     for path in files:
-        with _open_h5ad(path) as f:
+        with open_h5ad(path) as f:
             parts.append(_read_part(f, path, dataset))
     cell_ids = pd.Index(np.concatenate([p.cell_ids.to_numpy() for p in parts]), name="cell_id")
     if len(parts) > 1:

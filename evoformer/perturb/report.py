@@ -27,7 +27,7 @@ import pandas as pd
 from evoformer.io import atomic_path
 from evoformer.perturb.baselines import BASELINES, COMPETITORS
 from evoformer.perturb.metrics import ALL, LOWER_IS_BETTER, SUBGROUP_COLUMNS, TRUTH_PREFIX
-from evoformer.tables import verdict, write_tsv
+from evoformer.tables import as_float, verdict, write_tsv
 
 #: The metrics the summary speaks about, in order, with their names in sentences.
 HEADLINE = {
@@ -78,25 +78,18 @@ def perturbation_table(
     write_tsv(out, front + list(SUBGROUP_COLUMNS), rows)
 
 
-def _num(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def _g3(v: Any) -> str:
-    v = _num(v)
+    v = as_float(v)
     return "NA" if math.isnan(v) else f"{v:.3g}"
 
 
 def _with_ci(row: pd.Series) -> str:
     """``value [lo, hi]``, and for how many conditions the metric is undefined (a constant
     prediction has no correlation: it stays NA, never 0)."""
-    n, bad = int(_num(row["n_conditions"]) or 0), int(_num(row["n_undefined"]) or 0)
-    if math.isnan(_num(row["value"])):
+    n, bad = int(as_float(row["n_conditions"]) or 0), int(as_float(row["n_undefined"]) or 0)
+    if math.isnan(as_float(row["value"])):
         return f"undefined for all {n} conditions"
-    lo, hi = _num(row["lo"]), _num(row["hi"])
+    lo, hi = as_float(row["lo"]), as_float(row["hi"])
     ci = "" if math.isnan(lo) else f" [{lo:.3g}, {hi:.3g}]"
     return f"{_g3(row['value'])}{ci}" + (f" (undefined for {bad} of {n})" if bad else "")
 
@@ -123,7 +116,7 @@ def _metric_sentence(block: pd.DataFrame, metric: str, name: str) -> str | None:
         )
     for model in [m for m in rows.index if m not in BASELINES]:
         r = rows.loc[model]
-        v = verdict(_num(r["diff_lo"]), _num(r["diff_hi"]), low)
+        v = verdict(as_float(r["diff_lo"]), as_float(r["diff_hi"]), low)
         v = v.replace("the model", model).replace("the baseline", METHOD_NAMES.get(best, "it"))
         parts.append(
             f"Model `{model}`: {_with_ci(r)}; difference to the strongest baseline "
