@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from evoformer.data.binning import _chunks, _read_csr_rows
-from evoformer.data.datasets import read_h5_elem
+from evoformer.data.datasets import _open_h5ad, read_h5_elem
 from evoformer.errors import InputError
 
 
@@ -137,15 +137,7 @@ CONDITION_KEY = "condition"
 def read_hvg_obs(path: str | os.PathLike) -> tuple[list[str], list[str], list[str]]:
     """``(cell ids [N], conditions [N], genes [G])`` of an HVG h5ad (no expression read)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"{path}: not a readable .h5ad file ({exc})") from None
-    with f:
-        if "obs" not in f or "var" not in f:
-            raise InputError(f"{path}: not an AnnData .h5ad file (no obs/var groups)")
+    with _open_h5ad(path) as f:
         obs, var = read_h5_elem(f["obs"]), read_h5_elem(f["var"])
     if CONDITION_KEY not in obs.columns:
         raise InputError(f"{path}: obs has no {CONDITION_KEY!r} column")
