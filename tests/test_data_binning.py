@@ -371,3 +371,21 @@ def test_npy_rows_writer_equals_np_save_and_checks_rows(tmp_path):
         with npy_rows_writer(tmp_path / "wide.npy", a.shape, a.dtype) as write:
             write(np.zeros((1, 6)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "ref.npy"]
+
+
+def test_token_expression_indexes_like_the_dense_array(tmp_path, expression):
+    """Boolean masks, negative indices and out-of-range rows behave as on the dense [N, L]
+    array it replaced (a mask once came back as rows 0 and 1)."""
+    from evoformer.data.arrays import TokenExpression, write_token_expression
+
+    dense = expression.toarray().astype(np.float32)
+    write_token_expression(tmp_path, dense)
+    expr = TokenExpression.open(tmp_path, dense.shape[1])
+    mask = np.zeros(len(dense), bool)
+    mask[[2, 11, 40]] = True
+    assert np.array_equal(expr[mask], dense[mask])
+    assert np.array_equal(expr[-1], dense[-1]) and np.array_equal(expr[[-2, 0]], dense[[-2, 0]])
+    assert np.array_equal(expr[-3:], dense[-3:])
+    for bad in (len(dense), -len(dense) - 1, [0, len(dense)], mask[:-1]):
+        with pytest.raises(IndexError):
+            expr[bad]

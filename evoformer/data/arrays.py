@@ -73,11 +73,22 @@ class TokenExpression:
         return len(self.indptr) - 1
 
     def __getitem__(self, rows: int | slice | np.ndarray | list[int]) -> np.ndarray:
-        """Dense rows: [len(rows), L] float32 ([L] for an int)."""
+        """Dense rows: [len(rows), L] float32 ([L] for an int). Rows index as on a dense
+        array: negative from the end, a bool [N] mask selects; out of range raises IndexError."""
         if isinstance(rows, (int, np.integer)):
             return self[np.asarray([rows])][0]
-        rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows)
+        n = len(self)
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(n))
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            if rows.shape != (n,):
+                raise IndexError(f"boolean index of shape {rows.shape} for {n} rows")
+            rows = np.flatnonzero(rows)
         rows = rows.astype(np.int64).ravel()
+        if rows.size and (rows.min() < -n or rows.max() >= n):
+            raise IndexError(f"row index out of range for {n} rows")
+        rows = np.where(rows < 0, rows + n, rows)
         start, stop = self.indptr[rows], self.indptr[rows + 1]
         counts = stop - start
         out = np.zeros((len(rows), self.length), dtype=np.float32)

@@ -111,17 +111,18 @@ from evoformer.data.planted import (
 from evoformer.errors import InputError
 from evoformer.io import atomic_path
 from evoformer.perturb.conditions import CONTROL, SEP, make_condition
+from evoformer.perturb.layouts import LAYOUT_DEFAULTS, LAYOUTS, TYPES
 
 log = logging.getLogger(__name__)
 
-PERTURBATIONS = ("knockdown", "knockout", "activation")
+PERTURBATIONS = TYPES  # knockdown, knockout, activation: the types a dataset declares
 PERTURB_GENES = ("with_children", "regulators")
-LAYOUTS = ("gears", "scperturb")
 KNOCKOUT_SHIFT = 10.0  # a knocked-out gene's log-rate drop: exp(-10) of its rate is left
 #: scPerturb's ``obs.perturbation_type`` of each perturbation.
 SCPERTURB_TYPES = {"knockdown": "CRISPRi", "knockout": "CRISPR-cas9", "activation": "CRISPRa"}
-SCPERTURB_CONTROL = "control"  # scPerturb's label of control cells
-SCPERTURB_SEP = "_"  # scPerturb's separator of the genes of a double
+# scPerturb's label of control cells and separator of a double's genes: what its loader reads
+SCPERTURB_CONTROL = LAYOUT_DEFAULTS["scperturb"]["control"][0]
+SCPERTURB_SEP = LAYOUT_DEFAULTS["scperturb"]["separator"]
 CELL_TYPE_PREFIX = "type"  # cell-type labels type0, type1, ... (no "_": GEARS condition_name)
 
 # The planted model's parameters a screen takes (its own cell count and no variance shares).
