@@ -30,18 +30,21 @@ check_config()
 include: "rules/preprocess.smk"
 
 
-setup_experiments()
+# The masked-expression experiment: grid, pre-flight, training, evaluation, tables.
+if "masked_expression" in config["tasks"]:
+
+    setup_experiments()
+
+    wildcard_constraints:
+        fold=r"\d+|holdout|final",
+        n_hvg=r"\d+",
+        n_bins=r"\d+",
+
+    include: "rules/memory.smk"
+    include: "rules/train.smk"
+    include: "rules/evaluate.smk"
 
 
-wildcard_constraints:
-    fold=r"\d+|holdout|final",
-    n_hvg=r"\d+",
-    n_bins=r"\d+",
-
-
-include: "rules/memory.smk"
-include: "rules/train.smk"
-include: "rules/evaluate.smk"
 include: "rules/perturbation.smk"
 
 

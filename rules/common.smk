@@ -258,6 +258,21 @@ def check_config():
     selection metric (evoformer.experiments.check), the datasets' planted and perturbation
     blocks, for every target, before any job runs.
     """
+    try:
+        check_datasets()
+        check_perturbation()
+    except InputError as e:
+        raise WorkflowError(f"invalid config: {e}") from None
+    if "masked_expression" in tasks():
+        check_masked_expression()
+
+
+def check_masked_expression():
+    """The experiment, split and CV settings (task masked_expression)."""
+    if "experiment" not in config:
+        raise WorkflowError(
+            "invalid config: experiment: required by the masked_expression task (tasks)"
+        )
     name = config["experiment"]["dataset"]
     if name not in config["datasets"]:
         raise WorkflowError(
@@ -280,32 +295,33 @@ def check_config():
     if fractions["train"] <= 0:
         raise WorkflowError("invalid config: split.fractions.train: must be > 0")
     try:
-        for ds, entry in config["datasets"].items():
-            if entry["kind"] == "planted":
-                resolve_planted_params(
-                    entry.get("planted") or {}, f"datasets.{ds}.planted"
-                )
-            if entry["kind"] == "screen":
-                if entry.get("perturbation") is None:
-                    raise InputError(
-                        f"datasets.{ds}.perturbation: a screen needs a perturbation block "
-                        "(layout: gears or scperturb, the layout it is written in)"
-                    )
-                screen = resolve_screen_params(
-                    entry.get("screen") or {}, f"datasets.{ds}.screen"
-                )
-                declared = entry["perturbation"].get("type")
-                if declared is not None and declared != screen["perturbation"]:
-                    raise InputError(
-                        f"datasets.{ds}.perturbation.type: {declared!r}, but the screen makes "
-                        f"{screen['perturbation']!r} perturbations (datasets.{ds}.screen)"
-                    )
-            if entry.get("perturbation") is not None:
-                PerturbSpec.from_config(ds, entry["perturbation"])
-        check_perturbation()
         experiments.check(config, known_cells_by_label(name))
     except InputError as e:
         raise WorkflowError(f"invalid config: {e}") from None
+
+
+def check_datasets():
+    """The generator parameters of planted and screen datasets, and the perturbation blocks."""
+    for ds, entry in config["datasets"].items():
+        if entry["kind"] == "planted":
+            resolve_planted_params(entry.get("planted") or {}, f"datasets.{ds}.planted")
+        if entry["kind"] == "screen":
+            if entry.get("perturbation") is None:
+                raise InputError(
+                    f"datasets.{ds}.perturbation: a screen needs a perturbation block "
+                    "(layout: gears or scperturb, the layout it is written in)"
+                )
+            screen = resolve_screen_params(
+                entry.get("screen") or {}, f"datasets.{ds}.screen"
+            )
+            declared = entry["perturbation"].get("type")
+            if declared is not None and declared != screen["perturbation"]:
+                raise InputError(
+                    f"datasets.{ds}.perturbation.type: {declared!r}, but the screen makes "
+                    f"{screen['perturbation']!r} perturbations (datasets.{ds}.screen)"
+                )
+        if entry.get("perturbation") is not None:
+            PerturbSpec.from_config(ds, entry["perturbation"])
 
 
 def known_cells_by_label(name):
@@ -335,7 +351,7 @@ def known_cells_by_label(name):
 # The grid of the base experiment (evoformer.experiments): columns n_hvg, n_bins and the
 # sweep keys; Paramspace turns each row into a readable path n_hvg~64/n_bins~11/ln_order~pre.
 def setup_experiments():
-    global DATASET, PARAMSPACE, EXP_DIR, EXP_LOG, FOLDS, GIT_COMMIT
+    global DATASET, PARAMSPACE, EXP_DIR, EXP_LOG, FOLDS
     DATASET = config["experiment"]["dataset"]
     PARAMSPACE = Paramspace(experiments.grid(config), filename_params="*")
     EXP_DIR = f"results/{DATASET}/exp/{PARAMSPACE.wildcard_pattern}"
@@ -343,15 +359,22 @@ def setup_experiments():
         f"{DATASET}_{PARAMSPACE.wildcard_pattern}"  # filename_params="*": no slashes
     )
     FOLDS = experiments.folds(config)
+
+
+def _git_commit():
+    """The workflow's commit (provenance of every table), or "unknown" outside a checkout."""
     try:
-        GIT_COMMIT = subprocess.run(
+        return subprocess.run(
             ["git", "-C", workflow.basedir, "rev-parse", "HEAD"],
             capture_output=True,
             text=True,
             check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        GIT_COMMIT = "unknown"
+        return "unknown"
+
+
+GIT_COMMIT = _git_commit()
 
 
 def point_of(wildcards):

@@ -184,3 +184,25 @@ def test_bootstrap_reproducible_and_equal_to_a_direct_resampling():
     assert r["lo"] <= r["value"] <= r["hi"]
     none = summarise_subgroups(values, conds, subs, ("no_change",), 0, 5)
     assert all(math.isnan(r["lo"]) and math.isnan(r["hi"]) for r in none)
+
+
+def test_strongest_baseline_is_compared_on_the_same_conditions():
+    """A baseline undefined on the hard conditions must not win on the easy ones: 'a' is
+    defined only where both do well (and is better there than 'b' is overall), but on those
+    conditions 'b' is better; a baseline undefined everywhere is never chosen."""
+    from evoformer.perturb.metrics import strongest
+
+    nan = math.nan
+    values = {
+        "a": {"pearson_delta": np.array([0.80, 0.70, nan, nan])},
+        "b": {"pearson_delta": np.array([0.90, 0.85, 0.10, 0.00])},
+        "c": {"pearson_delta": np.full(4, nan)},
+    }
+    idx = np.arange(4)
+    # means over each one's own conditions would pick 'a' (0.75 vs 0.4625)
+    assert strongest(values, "pearson_delta", idx, ("a", "b", "c"), sign=-1.0) == "b"
+    assert strongest(values, "pearson_delta", idx, ("c",), sign=-1.0) is None
+    # no condition where both are defined: each on its own conditions
+    values["a"]["pearson_delta"] = np.array([nan, nan, 0.5, 0.4])
+    values["b"]["pearson_delta"] = np.array([0.9, 0.1, nan, nan])
+    assert strongest(values, "pearson_delta", idx, ("a", "b"), sign=-1.0) == "b"

@@ -46,7 +46,8 @@ subgroup so every method and metric sees the same resamples), and the paired dif
 ``method - strongest baseline``: the mean over the conditions where both are defined of the
 per-condition differences, bootstrapped on the same resamples. The strongest baseline of a
 metric and subgroup is the competitor (:data:`~evoformer.perturb.baselines.COMPETITORS`, not the
-oracle) with the best mean.
+oracle) with the best mean over the conditions where every competitor that is defined at all is
+defined (:func:`strongest`): means over different conditions are not compared.
 """
 
 from __future__ import annotations
@@ -238,6 +239,29 @@ def _mean(values: np.ndarray) -> float:
     return float(defined.mean()) if defined.size else math.nan
 
 
+def strongest(
+    values: dict[str, dict[str, np.ndarray]],
+    metric: str,
+    idx: np.ndarray,
+    competitors: tuple[str, ...],
+    sign: float,
+) -> str | None:
+    """The strongest baseline on ``metric`` over conditions ``idx``, compared on the same
+    conditions: competitors undefined on every condition are out (e.g. a constant prediction's
+    correlation); the others are ranked by their means over the conditions where all of them
+    are defined (a method undefined on the hard conditions must not win on the easy ones).
+    ``sign`` is +1 when lower is better. ``None`` when no competitor is defined anywhere."""
+    cols = {m: values[m][metric][idx] for m in competitors if m in values}
+    cols = {m: x for m, x in cols.items() if np.isfinite(x).any()}
+    if not cols:
+        return None
+    common = np.logical_and.reduce([np.isfinite(x) for x in cols.values()])
+    if not common.any():  # no condition where all are defined: each on its own conditions
+        common = np.ones(len(idx), bool)
+    means = {m: _mean(x[common]) for m, x in cols.items()}
+    return min(means, key=lambda m: sign * means[m])
+
+
 def summarise_subgroups(
     values: dict[str, dict[str, np.ndarray]],
     conditions: list[str],
@@ -279,8 +303,7 @@ def summarise_subgroups(
             idx, w = members[cols], weights[:, cols]
             sign = 1.0 if LOWER_IS_BETTER[base] else -1.0
             point = {m: _mean(v[metric][idx]) for m, v in values.items()}
-            finite = {m: point[m] for m in competitors if m in point and math.isfinite(point[m])}
-            best = min(finite, key=lambda m: sign * finite[m]) if finite else None
+            best = strongest(values, metric, idx, competitors, sign)
             for method, v in values.items():
                 x = v[metric][idx]
                 row = {
