@@ -144,13 +144,37 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def record_peak(path: Path) -> None:
+    """Write this process's peak RSS (bytes) to ``path``, for :func:`run_stage_process`."""
+    path.write_text(str(peak_rss_bytes()))
+
+
+def run_stage_process(cmd: list[str], peak_path: Path) -> dict:
+    """Run one stage's command ``cmd`` in a child process (which calls :func:`record_peak`
+    on ``peak_path`` before it exits) and measure it: ``wall_s``, ``peak_rss_gib`` (the
+    child's VmHWM) and ``ru_maxrss_gib`` (includes the parent's size at fork). A stage that
+    fails stops the benchmark."""
+    peak_path.unlink(missing_ok=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd[1:])}: failed ({os.waitstatus_to_exitcode(status)})")
+    return {
+        "wall_s": round(wall, 1),
+        "peak_rss_gib": int(peak_path.read_text()) / 2**30,
+        "ru_maxrss_gib": usage.ru_maxrss / 2**20,
+    }
+
+
 def stage(name: str, args: argparse.Namespace) -> None:
     """Run one stage in this process (the parent measures it); write its peak RSS."""
     work = Path(args.workdir)
     try:
         _stage(name, args, work)
     finally:
-        (work / f"{name}.rss").write_text(str(peak_rss_bytes()))
+        record_peak(work / f"{name}.rss")
 
 
 def _stage(name: str, args: argparse.Namespace, work: Path) -> None:
@@ -200,20 +224,8 @@ def _stage(name: str, args: argparse.Namespace, work: Path) -> None:
 def measure(name: str, args: argparse.Namespace, cells: int) -> dict:
     """Run ``stage(name)`` in a child process: wall time (s) and its peak RSS (GiB)."""
     cmd = [sys.executable, __file__, "--stage", name, "--cells-now", str(cells), *_passed(args)]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"stage {name} failed ({os.waitstatus_to_exitcode(status)})")
-    rss = int((Path(args.workdir) / f"{name}.rss").read_text())
-    result = {
-        "cells": cells,
-        "stage": name,
-        "wall_s": round(wall, 1),
-        "peak_rss_gib": rss / 2**30,
-        "ru_maxrss_gib": usage.ru_maxrss / 2**20,  # includes the parent's size at fork
-    }
+    measured = run_stage_process(cmd, Path(args.workdir) / f"{name}.rss")
+    result = {"cells": cells, "stage": name, **measured}
     print(json.dumps(result), flush=True)
     return result
 
@@ -423,12 +435,13 @@ def _commit() -> str:
         return "unknown"
 
 
-def update_section(path: Path, section: str) -> None:
-    """Replace the ``bench_hvg`` block of ``path`` (BENCHMARKS.md) with ``section``."""
+def update_section(path: Path, section: str, name: str = "bench_hvg") -> None:
+    """Replace the ``<!-- name:start -->`` ... ``<!-- name:end -->`` block of ``path``
+    (BENCHMARKS.md) with ``section``."""
     from evoformer.io import write_text_atomic
 
     text = path.read_text()
-    begin, end = "<!-- bench_hvg:start -->", "<!-- bench_hvg:end -->\n"
+    begin, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->\n"
     if begin not in text or end not in text:
         raise SystemExit(f"{path}: no {begin} ... {end.strip()} block to replace")
     head, rest = text.split(begin, 1)

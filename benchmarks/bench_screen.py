@@ -19,12 +19,10 @@ import logging
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from bench_hvg import peak_rss_bytes  # isort: skip
+from bench_hvg import record_peak, run_stage_process  # isort: skip
 
 NORMAN = {
     "n_genes": 5000,
@@ -57,20 +55,16 @@ def stage(layout: str, args: argparse.Namespace) -> None:
         write_screen(out, _params(args), layout=layout)
     finally:
         sizes = {p.name: p.stat().st_size for p in screen_paths(out) if p.exists()}
-        (work / f"{layout}.json").write_text(json.dumps({"rss": peak_rss_bytes(), "sizes": sizes}))
+        (work / f"{layout}.json").write_text(json.dumps(sizes))
+        record_peak(work / f"{layout}.rss")
 
 
 def measure(layout: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--stage", layout, *sys.argv[1:]]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    _, status, _ = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"stage {layout} failed ({os.waitstatus_to_exitcode(status)})")
-    info = json.loads((Path(args.workdir) / f"{layout}.json").read_text())
-    result = {"layout": layout, "wall_s": round(wall, 1), "peak_rss_gib": info["rss"] / 2**30}
-    result["sizes_mib"] = {k: round(v / 2**20, 1) for k, v in info["sizes"].items()}
+    work = Path(args.workdir)
+    result = {"layout": layout, **run_stage_process(cmd, work / f"{layout}.rss")}
+    sizes = json.loads((work / f"{layout}.json").read_text())
+    result["sizes_mib"] = {k: round(v / 2**20, 1) for k, v in sizes.items()}
     print(json.dumps(result), flush=True)
     return result
 
