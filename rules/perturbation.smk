@@ -20,6 +20,13 @@ rule screen:
         "results/benchmarks/datasets/screen_{dataset}.tsv"
     conda:
         "../envs/workflow.yaml"
+    resources:
+        mem_mb=lambda wc, input, attempt: data_resources.mem_mb(
+            "screen", input.size_mb, attempt
+        ),
+        runtime=lambda wc, input, attempt: data_resources.runtime_min(
+            "screen", input.size_mb, attempt
+        ),
     params:
         screen=lambda wc: screen_config(wc.dataset),
     script:
@@ -38,6 +45,13 @@ rule perturb_split:
         "results/benchmarks/perturbation/split_{dataset}_hvg{n_hvg}_{split}.tsv"
     conda:
         "../envs/workflow.yaml"
+    resources:
+        mem_mb=lambda wc, input, attempt: data_resources.mem_mb(
+            "perturb_split", input.size_mb, attempt
+        ),
+        runtime=lambda wc, input, attempt: data_resources.runtime_min(
+            "perturb_split", input.size_mb, attempt
+        ),
     params:
         split=lambda wc: perturbation_split_params(wc.split),
         where=lambda wc: f"perturbation.splits.{wc.split}",
@@ -103,6 +117,13 @@ rule perturb_tables:
         "results/benchmarks/perturbation/tables.tsv"
     conda:
         "../envs/workflow.yaml"
+    resources:
+        mem_mb=lambda wc, input, attempt: data_resources.mem_mb(
+            "perturb_tables", input.size_mb, attempt
+        ),
+        runtime=lambda wc, input, attempt: data_resources.runtime_min(
+            "perturb_tables", input.size_mb, attempt
+        ),
     params:
         provenance=lambda wc: perturbation_provenance(),
         splits=lambda wc: list(config["perturbation"]["splits"]),

@@ -1,12 +1,13 @@
-"""Cluster resources of the data stages (``hvg``, ``bin``, ``split``, ``perturb_evaluate``),
-sized from their input.
+"""Cluster resources of the data stages (``hvg``, ``bin``, ``split``, and the perturbation
+chain's), sized from their input.
 
 A Slurm job that asks for too little memory is killed (and retried with more, ``attempt``);
 one that asks for far too much waits longer in the queue. Each stage's request is a base
 plus a slope per GiB of its input (all files of a multi-file dataset), times the attempt,
 with a floor, and the same for its run time. The slopes come from
-``benchmarks/bench_hvg.py``, which prints each stage's request next to its measured peak
-RSS at 10k, 100k and 1M cells (BENCHMARKS.md states the margins). The rules in
+``benchmarks/bench_hvg.py`` (hvg, bin, split at 10k, 100k and 1M cells) and
+``benchmarks/bench_perturb.py`` (the perturbation chain at 40k-280k cells), which print each
+stage's request next to its measured peak RSS (BENCHMARKS.md states the margins). The rules in
 ``rules/preprocess.smk`` call :func:`mem_mb` and :func:`runtime_min`; nothing else holds
 these numbers.
 """
@@ -36,8 +37,14 @@ STAGES: dict[str, StageResources] = {
     "hvg": StageResources(base_mb=1500, mb_per_gib=100, minutes_per_gib=2),
     "bin": StageResources(base_mb=1500, mb_per_gib=600, minutes_per_gib=2),
     "split": StageResources(base_mb=1000, mb_per_gib=20, minutes_per_gib=0.5),
-    # the perturbation evaluation streams hvg.h5ad once: [conditions, genes] statistics
+    # the perturbation evaluation streams hvg.h5ad once: [conditions, genes] statistics; the
+    # perturbation split reads hvg.h5ad's obs; the tables read the evaluations' small files;
+    # the synthetic screen generator holds one block of cells and the [conditions, genes] truth
+    # (its input is its config: the floor; a 280k-cell screen took 0.41 GiB and 6 minutes)
     "perturb_evaluate": StageResources(base_mb=1500, mb_per_gib=300, minutes_per_gib=5),
+    "perturb_split": StageResources(base_mb=1000, mb_per_gib=100, minutes_per_gib=1),
+    "perturb_tables": StageResources(base_mb=1000, mb_per_gib=0, minutes_per_gib=0),
+    "screen": StageResources(base_mb=1000, mb_per_gib=0, minutes_per_gib=0, min_minutes=60),
 }
 
 

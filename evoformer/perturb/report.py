@@ -37,7 +37,9 @@ HEADLINE = {
     "mse": "MSE of the condition mean",
     "de_sign": "share of top DE genes with the right sign",
     "centroid_acc": "centroid accuracy",
-    "pearson_interaction": "Pearson of the interaction term (doubles)",
+    "pearson_interaction": (
+        "Pearson of the interaction term (doubles; no change scores the doubles' sub-additivity)"
+    ),
 }
 #: Headline metrics also stated against the noise-free truth (synthetic screens).
 TRUTH_HEADLINE = ("pearson_delta", "pearson_interaction")
