@@ -564,6 +564,7 @@ def item_memory(ctx: Context, partial: Callable[[dict], None], cfg: StepConfig) 
             preflight_message=pf.message(),
             preflight_gpu_mem_gib=ctx.gpu_mem_gib,
             preflight_seconds=pf.seconds,
+            workspace_allowance_bytes=int(pf.workspace_bytes),
         )
     except Exception as exc:  # noqa: BLE001
         res["errors"].append(f"traced: {type(exc).__name__}: {first_line(str(exc))}")
@@ -572,6 +573,10 @@ def item_memory(ctx: Context, partial: Callable[[dict], None], cfg: StepConfig) 
     if meas and tr:
         res["measured_over_traced"] = meas / tr
         res["measured_minus_traced_bytes"] = meas - tr
+        # the pre-flight's verdict counts traced + the workspace allowance (0 on a CPU trace)
+        predicted = tr + res["workspace_allowance_bytes"]
+        res["predicted_peak_bytes"] = predicted
+        res["predicted_covers_measured"] = predicted >= meas
     an = res.get("analytical_peak_bytes")
     if tr and an:
         res["traced_over_analytical"] = tr / an
@@ -1211,8 +1216,9 @@ def render_markdown(data: dict[str, Any]) -> str:
             "(FakeTensorMode + MemTracker); analytical: `evoformer.memory.analytical.estimate`.",
             "",
             "| configuration | measured | traced | analytical | measured / traced "
-            "| measured - traced | warm-up step peak | reserved peak | status |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| measured - traced | traced + allowance >= measured | warm-up step peak "
+            "| reserved peak | status |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for _, e in mem_rows:
             diff = e.get("measured_minus_traced_bytes")
@@ -1221,6 +1227,7 @@ def render_markdown(data: dict[str, Any]) -> str:
                 f"| {human(e.get('traced_peak_bytes'))} | {human(e.get('analytical_peak_bytes'))} "
                 f"| {fmt(e.get('measured_over_traced'))} "
                 f"| {'-' if diff is None else f'{diff / MIB:+.1f} MiB'} "
+                f"| {_covers(e)} "
                 f"| {human(e.get('warmup_peak_bytes'))} | {human(e.get('reserved_peak_bytes'))} "
                 f"| {e.get('status')} |"
             )
@@ -1344,6 +1351,15 @@ def render_markdown(data: dict[str, Any]) -> str:
     if missing:
         lines += [f"Not run: {', '.join(missing)}", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _covers(e: dict[str, Any]) -> str:
+    """``yes (+1.00 GiB)`` / ``NO``: does the pre-flight's traced peak plus its workspace
+    allowance (shown) cover the measured peak?"""
+    if e.get("predicted_covers_measured") is None:
+        return "-"
+    verdict = "yes" if e["predicted_covers_measured"] else "NO"
+    return f"{verdict} (+{human(e.get('workspace_allowance_bytes'))})"
 
 
 def _status_line(entry: dict[str, Any], name: str | None = None) -> list[str]:

@@ -75,6 +75,7 @@ PERFORMANCE_FIELDS = (
     "n_parameters",
     "selected_step",
     "stopped_early",
+    "n_nonfinite_steps",
 )
 SYSTEM_FIELDS = ("world_size", "hostname", "slurm_job_id")
 OUTPUT_NAMES = {

@@ -27,6 +27,19 @@ bit for bit), ``best.pt`` (the best weights so far) and ``lock`` (held by rank 0
 run: a second training on the same folder stops at once, naming the holder). A checkpoint
 written for other settings is moved aside (``last.<hash>.pt``) and training starts afresh; a
 corrupt one stops the run with its path.
+
+Divergence: an optimizer step whose loss or gradient norm is not finite on any process (a flag
+in the step's one all-reduce, with the loss and the signal flags, taken before the update: every
+rank decides alike and none hangs) is skipped: no parameter and no AdamW-state update, the
+gradients are dropped. It still counts as a step: ``step``, the learning-rate schedule, the data
+order and ``total_samples`` advance as for any step (its batch is consumed, not retried), so a
+run with skipped steps ends where one without does and resumes bit for bit. Each skipped step is
+logged with its number, is a ``kind == "nonfinite"`` row of ``metrics.tsv`` and counts in
+``n_nonfinite_steps`` (``performance_summary.json``); a periodic checkpoint falling on a skipped
+step waits for the next finite one. After more than ``train.max_nonfinite_steps`` skipped steps
+in a row the run stops, writing nothing, with one line
+(:class:`evoformer.errors.TrainingDiverged`) naming the step and the last checkpoint, which stays
+as it was: its weights are those of a finite update.
 """
 
 from __future__ import annotations
@@ -50,9 +63,10 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -61,7 +75,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from evoformer.data.arrays import BinnedData
-from evoformer.errors import InputError
+from evoformer.errors import InputError, TrainingDiverged
 from evoformer.io import atomic_path, save_torch_atomic, write_text_atomic
 from evoformer.memory.measured import record_cpu_peak
 from evoformer.metrics import bin_values, metrics_from_sums, moment_sums
@@ -229,6 +243,29 @@ def all_reduce_(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch
     return t
 
 
+class StepFlags(NamedTuple):
+    """What every rank learns from the one collective of an optimizer step."""
+
+    loss: float  # mean over the ranks
+    finite: bool  # loss and gradient norm finite on every rank
+    save: bool  # a rank got SIGUSR1 or SIGTERM: checkpoint
+    stop: bool  # a rank got SIGTERM: checkpoint and stop
+
+
+def reduce_step(
+    loss: torch.Tensor, grad_norm: torch.Tensor, signals: tuple[float, float]
+) -> StepFlags:
+    """One all-reduce per step, before the update: the local loss (scalar), whether it and the
+    gradient norm (scalar) are finite, and this rank's signal flags (save, stop), so that all
+    ranks skip a non-finite step, checkpoint and stop together."""
+    bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    t = torch.stack([loss.detach().double(), bad.double()])
+    t = all_reduce_(torch.cat([t, torch.tensor(signals, dtype=torch.float64, device=t.device)]))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    v = t.tolist()
+    return StepFlags(v[0] / world, v[1] == 0, v[2] > 0, v[3] > 0)
+
+
 def close_distributed() -> None:
     """Destroy the process group once nothing else holds it.
 
@@ -327,6 +364,12 @@ class CheckpointFolder:
         f.write(f"PID {os.getpid()} on host {socket.gethostname()}\n")
         f.flush()
         self._lock_file = f
+
+    def unlock(self) -> None:
+        """Release the lock before the process ends (a run that stopped on divergence)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     def load(self, expected_hash: str) -> dict[str, Any] | None:
         """``last.pt`` if it was written for this configuration. One written for another is moved
@@ -609,6 +652,10 @@ class Trainer:
         self.best = {"metric": math.nan, "step": 0, "since": 0}
         self.finished = False  # all steps done or stopped early
         self.resumed_finished = False  # resumed from the final checkpoint: only outputs left
+        self.n_nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss / grad norm
+        self.nonfinite_streak = 0  # ... of them in a row up to the current step
+        self.ckpt_step: int | None = None  # step of last.pt (None: none written or resumed)
+        self.ckpt_pending = False  # a periodic checkpoint fell on a skipped step
         ckpt = self.ckpt.load(self.chash)
         if ckpt is not None:
             self.raw_model.load_state_dict(ckpt["model"])
@@ -618,6 +665,10 @@ class Trainer:
             for key in (*keys, "measured_steps"):
                 setattr(self, key, ckpt[key])
             self.finished = self.resumed_finished = ckpt["finished"]
+            # absent from checkpoints written before divergence was handled: none seen then
+            self.n_nonfinite_steps = ckpt.get("n_nonfinite_steps", 0)
+            self.nonfinite_streak = ckpt.get("nonfinite_streak", 0)
+            self.ckpt_step = self.step
             set_rng_state(ckpt["rng"][self.rank], self.device)
             if self.rank == 0:
                 log.info(
@@ -641,8 +692,11 @@ class Trainer:
             "best": self.best,
             "measured_steps": self.measured_steps,
             "finished": self.finished,
+            "n_nonfinite_steps": self.n_nonfinite_steps,
+            "nonfinite_streak": self.nonfinite_streak,
         }
         self.ckpt.save(state, self.device)
+        self.ckpt_step, self.ckpt_pending = self.step, False
         if self.rank == 0:
             log.info("checkpoint written at step %d (%s)", self.step, why)
 
@@ -684,21 +738,24 @@ class Trainer:
         self.cpu_peak: int | None = None
         window = {"loss": 0.0, "n": 0, "t": 0.0, "samples": 0, "timed": 0}
         stopped = False
-        while self.step < self.total_steps and not self.finished and not stopped:
+        diverged: str | None = None  # the stop line when the run diverged
+        while self.step < self.total_steps and not (self.finished or stopped or diverged):
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
             batches = iter(self._epoch_loader(epoch, in_epoch))
             for _ in range(in_epoch, self.steps_per_epoch):
-                loss, grad_norm, step_time = self._train_step(batches, profiler is None)
+                step, grad_norm, step_time = self._train_step(batches, profiler is None, flags)
                 self.step += 1
                 if snapshot_until is not None and self.step >= snapshot_until:
                     self._dump_memory_snapshot()
                     snapshot_until = None
-                # one collective per step: the loss and any rank's signal flags
-                t = torch.tensor([loss, *flags.take()], dtype=torch.float64, device=self.device)
-                t = all_reduce_(t)
-                loss, want_save, want_stop = t[0].item() / self.world, t[1] > 0, t[2] > 0
-                window["loss"] += loss
-                window["n"] += 1
+                if step.finite:
+                    self.nonfinite_streak = 0
+                    window["loss"] += step.loss
+                    window["n"] += 1
+                else:
+                    diverged = self._skipped_step(epoch, step.loss, grad_norm)
+                    if diverged:
+                        break
                 if step_time > 0:  # 0: the profiled step, not timed
                     window["t"] += step_time
                     window["samples"] += cfg.global_batch_size
@@ -716,16 +773,24 @@ class Trainer:
                     self.finished = True
                 if self.finished:
                     break
-                if want_save or self.step % cfg.ckpt_every == 0:
-                    why = "signal" if want_save else f"every {cfg.ckpt_every} steps"
+                due = self.step % cfg.ckpt_every == 0 or self.ckpt_pending
+                if step.save or (due and step.finite):
+                    why = "signal" if step.save else f"every {cfg.ckpt_every} steps"
                     self._checkpoint(why)
-                if want_stop:
+                elif due:  # not right after a skipped step: the next finite step writes it
+                    self.ckpt_pending = True
+                if step.stop:
                     if self.rank == 0:
                         log.warning("stopping on SIGTERM after checkpointing step %d", self.step)
                     stopped = True
                     break
         if profiler is not None:
             profiler.stop()
+        if diverged:
+            del self.model  # see close_distributed
+            close_distributed()
+            self.ckpt.unlock()
+            raise TrainingDiverged(diverged)
         if stopped:
             del self.model  # see close_distributed
             close_distributed()
@@ -738,8 +803,11 @@ class Trainer:
         del self.model  # DDP's reducer holds the process group: see close_distributed
         close_distributed()
 
-    def _train_step(self, batches: Any, may_measure: bool) -> tuple[float, torch.Tensor, float]:
-        """One optimizer step (``accum`` micro-batches); (local loss, grad norm, seconds)."""
+    def _train_step(
+        self, batches: Any, may_measure: bool, signals: SignalFlags
+    ) -> tuple[StepFlags, torch.Tensor, float]:
+        """One optimizer step (``accum`` micro-batches): (the step's collective, grad norm,
+        seconds). Not finite on any rank: the update is skipped (see the module docstring)."""
         cfg, device, timers = self.cfg, self.device, self.timers
         # on CPU, one step (the second: AdamW's moments exist) under the profiler's allocator
         # timeline gives the step's peak tensor memory (RSS counts far more)
@@ -774,12 +842,17 @@ class Trainer:
             loss_sum += loss.detach() / self.accum
         t3 = time.perf_counter()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        step = reduce_step(loss_sum, grad_norm, signals.take())
+        if step.finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if meter is not None:
             meter.__exit__(None, None, None)
             self.cpu_peak = meter.result.peak_bytes
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # a skipped first step: the schedule advances although the optimizer did not step
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            self.scheduler.step()
         sync(device)
         t4 = time.perf_counter()
         self.samples_done += cfg.global_batch_size
@@ -787,11 +860,45 @@ class Trainer:
             for key in ("forward", "backward"):
                 timers[key] -= fwd_bwd[key]
             self.measured_steps += 1
-            return float(loss_sum), grad_norm, 0.0
+            return step, grad_norm, 0.0
         timers["optimizer"] += t4 - t3
         timers["batch"] += t4 - t_step
         self.train_time += t4 - t_step
-        return float(loss_sum), grad_norm, t4 - t_step
+        return step, grad_norm, t4 - t_step
+
+    def _skipped_step(self, epoch: int, loss: float, grad_norm: torch.Tensor) -> str | None:
+        """Count and log the skipped step ``self.step`` (``loss``: mean over the ranks); the
+        one-line stop message once more than ``train.max_nonfinite_steps`` are in a row."""
+        limit = self.cfg.max_nonfinite_steps
+        self.n_nonfinite_steps += 1
+        self.nonfinite_streak += 1
+        norm = float(grad_norm)
+        row = {"kind": "nonfinite", "step": self.step, "epoch": epoch, "loss": loss}
+        self.history.append({**row, "grad_norm": norm})
+        if self.rank == 0:
+            log.warning(
+                "step %d: non-finite loss (%g) or gradient norm (%g): optimizer step skipped "
+                "(%d in a row, %d in all; train.max_nonfinite_steps %d)",
+                self.step,
+                loss,
+                norm,
+                self.nonfinite_streak,
+                self.n_nonfinite_steps,
+                limit,
+            )
+        if self.nonfinite_streak <= limit:
+            return None
+        where = (
+            f"the last good checkpoint is {self.ckpt.last} (step {self.ckpt_step}), left as it was"
+            if self.ckpt_step is not None
+            else "no checkpoint was written before it (a rerun starts at step 0)"
+        )
+        return (
+            f"training diverged at step {self.step}: the loss or gradient norm was not finite "
+            f"for {self.nonfinite_streak} optimizer steps in a row (more than "
+            f"train.max_nonfinite_steps = {limit}; {self.n_nonfinite_steps} skipped in all); "
+            f"{where}; lower train.lr, raise train.warmup_steps or use train.precision fp32"
+        )
 
     def _log_train(self, epoch: int, window: dict[str, float], grad_norm: torch.Tensor) -> None:
         mem, _ = peak_memory(self.device)
@@ -800,7 +907,7 @@ class Trainer:
             "kind": "train",
             "step": self.step,
             "epoch": epoch,
-            "loss": window["loss"] / window["n"],
+            "loss": window["loss"] / window["n"] if window["n"] else math.nan,
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
             "samples_per_s": speed,
@@ -1009,6 +1116,7 @@ class Trainer:
             "peak_rss_bytes": peak_rss if rss is not None else None,
             "precision": self.precision,
             "grad_accumulation": self.accum,
+            "n_nonfinite_steps": self.n_nonfinite_steps,
             "final_loss": next(
                 (r["loss"] for r in reversed(self.history) if r["kind"] == "train"), None
             ),
@@ -1112,6 +1220,8 @@ def main(argv: list[str] | None = None) -> None:
             spec = apply_preflight(spec, a.preflight)
         train(a.binned, a.split, RunSpec.from_dict(spec), a.out, a.ckpt_dir)
     except InputError as e:
+        if isinstance(e, TrainingDiverged) and rank != "0":
+            raise SystemExit(1) from None  # every rank stops at the same step; rank 0 says why
         log.error("%s", e)
         raise SystemExit(f"error: {e}") from None
 

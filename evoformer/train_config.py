@@ -57,6 +57,12 @@ class TrainConfig:
     of every epoch); the weights with the best ``monitor`` are kept (``best.pt`` in the checkpoint
     folder) and become ``model.pt``; training stops after ``patience`` validations without an
     improvement larger than ``min_delta`` (None: runs all epochs, still keeping the best).
+
+    Divergence: an optimizer step whose loss or gradient norm is not finite (on any process) is
+    skipped - no parameter or optimizer-state update; it still counts as a step of the schedule
+    and the data - and the run stops after more than ``max_nonfinite_steps`` such steps in a
+    row (0: at the first), naming the step and the last good checkpoint
+    (:mod:`evoformer.train`).
     """
 
     micro_batch_size: int = 8
@@ -85,6 +91,9 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between log lines
     ckpt_every: int = 50  # optimizer steps between checkpoints (also on SIGUSR1/SIGTERM)
     dist_timeout_s: int = 300  # collective timeout: a stuck rank fails the job instead of hanging
+    # consecutive optimizer steps with a non-finite loss or gradient norm that are skipped;
+    # one more stops the run (0: stop at the first)
+    max_nonfinite_steps: int = 5
     # CUDA: record the allocator history of the first 3 optimizer steps (rank 0) and write it
     # to <out>/memory_snapshot.pickle (drag it onto https://pytorch.org/memory_viz)
     memory_snapshot: bool = False
@@ -118,7 +127,7 @@ class TrainConfig:
         for name in ("max_steps", "val_every", "patience"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise bad(name, "must be >= 1 or null")
-        for name in ("warmup_steps", "loader_workers", "seed"):
+        for name in ("warmup_steps", "loader_workers", "seed", "max_nonfinite_steps"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
         if self.global_batch_size % self.micro_batch_size:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,17 @@ def test_schema_lists_exactly_the_dataclass_keys() -> None:
     from evoformer.train_config import VALIDATION_METRICS
 
     assert list(train_enum) == list(cv_enum) == list(VALIDATION_METRICS)
+
+
+def test_schema_states_the_memory_defaults_of_the_preflight() -> None:
+    """The memory section's defaults are the pre-flight's (memory.workspace_mib: WORKSPACE_MIB)."""
+    from evoformer.memory.preflight import WORKSPACE_MIB, preflight
+
+    memory = SCHEMA["properties"]["memory"]["properties"]
+    assert memory["workspace_mib"]["default"] == WORKSPACE_MIB
+    params = inspect.signature(preflight).parameters
+    for key in ("safety_margin", "workspace_mib", "auto_micro_batch"):
+        assert memory[key]["default"] == params[key].default, key
 
 
 def test_schema_lists_exactly_the_perturbation_keys_and_defaults() -> None:

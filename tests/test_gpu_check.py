@@ -111,6 +111,9 @@ def test_cpu_dry_run_end_to_end(tmp_path):
         assert e["analytical_peak_bytes"] > 0
         # the same step measured and traced: same order of magnitude, not a timing
         assert 0.5 < e["measured_over_traced"] < 2.0
+        # a CPU trace carries no workspace allowance: the prediction is the traced peak
+        assert e["workspace_allowance_bytes"] == 0
+        assert e["predicted_peak_bytes"] == e["traced_peak_bytes"]
     rows = {r["precision"]: r for r in items["throughput"]["rows"]}
     assert set(rows) == {"bf16", "fp32"}
     assert all(r["status"] == "ok" and r["samples_per_s"] > 0 for r in rows.values())
@@ -136,6 +139,7 @@ def test_cpu_dry_run_end_to_end(tmp_path):
     for heading in (
         "## Environment",
         "## Peak memory of one training step",
+        "| traced + allowance >= measured |",
         "## Training throughput",
         "## SDPA backends",
         "## Training entry point smoke run",

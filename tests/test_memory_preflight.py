@@ -11,7 +11,7 @@ import pytest
 from evoformer.errors import InputError
 from evoformer.memory.__main__ import JOURNAL, main
 from evoformer.memory.measured import measure_step
-from evoformer.memory.preflight import preflight, write_preflight
+from evoformer.memory.preflight import WORKSPACE_MIB, preflight, write_preflight
 from evoformer.memory.report import memory_table_from_json, report
 from evoformer.memory.spec import data_shape, resolve_data_shape, spec_from_config
 
@@ -121,11 +121,16 @@ def test_report_three_estimates_and_table(tmp_path):
         experiment="tiny",
     )
     assert all(p.stat().st_size > 0 for p in out.values())
+    assert pf.workspace_bytes == WORKSPACE_MIB * 2**20  # a GPU target: the default allowance
+    assert row["workspace_allowance_bytes"] == pf.workspace_bytes
+    assert row["traced_peak_bytes"] < 100 * 2**20 < pf.workspace_bytes  # not in the estimates
     assert row["device"] == "cpu" and row["precision"] == "fp32"
     assert abs(row["measured_over_traced"] - 1) < 0.1
     assert abs(row["traced_over_analytical"] - 1) < 0.1
     md = out["md"].read_text()
     assert "measured/traced" in md and "tri_att_start" in md and "memory.png" in md
+    assert "Workspace allowance: 1.00 GiB (`memory.workspace_mib`" in md
+    assert "+ workspace allowance 1.00 GiB (memory.workspace_mib)" in md  # in the verdict
     assert out["png"].read_bytes()[:4] == b"\x89PNG"
     # no summary yet: the measured column is empty, the report still renders
     row2 = report(
@@ -140,13 +145,52 @@ def test_report_three_estimates_and_table(tmp_path):
         "analytical_peak_gib",
         "measured_peak_gib",
         "measured_over_traced",
+        "workspace_allowance_gib",
     } <= set(back)
+
+
+def test_the_workspace_allowance_is_part_of_the_verdict_on_gpu_targets_only():
+    """A step that fits without the allowance and not with it is refused naming the allowance;
+    the traced peak stays the trace's; a CPU target carries no allowance."""
+    model = {"preset": "bioformer", "c_m": 32, "c_z": 16, "c_opm": 8, "n_blocks": 2}
+    train = {"micro_batch_size": 8, "global_batch_size": 8, "precision": "fp32"}
+    shape = data_shape(127, 11)  # ~55 MiB traced at micro-batch 8, ~7 MiB per cell
+    mib = 2**20
+    bare = preflight(model, train, shape, 80, workspace_mib=0)
+    assert bare.fits and bare.workspace_bytes == 0
+    # usable memory: the traced peak + 8 MiB; with an allowance of 16 MiB it no longer fits
+    gib = (bare.predicted_peak_bytes + 8 * mib) / (0.9 * GIB)
+    res = preflight(model, train, shape, gib, workspace_mib=16, raise_on_oom=False)
+    assert not res.fits and res.workspace_bytes == 16 * mib
+    assert res.requested_peak_bytes == bare.predicted_peak_bytes  # reported apart
+    assert res.requested_peak_bytes <= res.budget_bytes < res.requested_peak_bytes + 16 * mib
+    msg = res.message()  # what the pipeline's InputError says (raise_on_oom=True)
+    assert msg.startswith("does not fit: ") and "\n" not in msg
+    assert "+ workspace allowance 16.0 MiB (memory.workspace_mib) = " in msg
+    # the micro-batch search leaves room for the allowance too
+    assert 1 <= res.largest_fitting_micro_batch < 8
+    assert f"would fit: micro_batch_size <= {res.largest_fitting_micro_batch}" in msg
+    # a CPU run: no CUDA workspaces, the allowance does not apply however large
+    cpu = preflight(model, train, shape, 80, workspace_mib=10**6, device="cpu")
+    assert cpu.fits and cpu.workspace_bytes == 0
+    assert "workspace allowance" not in cpu.message()
+    with pytest.raises(InputError, match="'memory.workspace_mib': got -1"):
+        preflight(model, train, shape, 80, workspace_mib=-1)
 
 
 def test_cli(capsys):
     assert main(["--journal", "--gpus", "2", "--gpu-mem-gib", "80", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["fits"] and res["predicted_peak_bytes"] < 72 * GIB
+    assert res["workspace_bytes"] == WORKSPACE_MIB * 2**20
+    # the journal step (69.6 GiB analytical in fp32) on one 80 GiB GPU (72 GiB usable) fits
+    # without the allowance, not with 4 GiB of it
+    args = ["--journal", "--gpu-mem-gib", "80", "--method", "analytical"]
+    assert main([*args, "--workspace-mib", "0"]) == 0
+    assert main([*args, "--workspace-mib", "4096"]) == 1
+    assert "workspace allowance 4.00 GiB" in capsys.readouterr().out
+    assert main([*args, "--workspace-mib", "-5"]) == 2
+    assert "memory.workspace_mib" in capsys.readouterr().err
     assert (
         main(["--journal", "--opm", "naive", "--gpu-mem-gib", "80", "--method", "analytical"]) == 1
     )
@@ -214,6 +258,7 @@ def test_workflow_scripts(tmp_path):
         prior=False,
         gpu_mem_gib=80,
         safety_margin=0.1,
+        workspace_mib=1024,
         auto_micro_batch=False,
         n_gpus=2,
     )

@@ -42,12 +42,10 @@ TRAIN = {
 }
 
 
-@pytest.fixture(scope="module")
-def pbmc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def make_pbmc(d: Path) -> dict[str, Path]:
     """The bundled PBMC data through HVG selection, binning and splitting (package API)."""
     from evoformer.data import binning, datasets, hvg, split
 
-    d = tmp_path_factory.mktemp("pbmc")
     h5ad = d / "pbmc68k.h5ad"
     datasets.materialise_pbmc68k(h5ad)
     ds = {"expression": "raw", "value_type": "log1p", "label_key": "bulk_labels"}
@@ -67,10 +65,21 @@ def pbmc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"binned": d / "binned", "split": d / "split.tsv"}
 
 
+@pytest.fixture(scope="module")
+def pbmc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_pbmc(tmp_path_factory.mktemp("pbmc"))
+
+
 def launch(
-    pbmc: dict[str, Path], out: Path, ckpt: Path, train: dict | None = None, **kw
+    pbmc: dict[str, Path],
+    out: Path,
+    ckpt: Path,
+    train: dict | None = None,
+    env: dict[str, str] | None = None,
+    **kw,
 ) -> subprocess.Popen:
-    """Start ``python -m evoformer.launch`` (torchrun, 2 CPU processes) in the background."""
+    """Start ``python -m evoformer.launch`` (torchrun, 2 CPU processes) in the background;
+    ``env``: entries added to the environment."""
     spec = {"model": MODEL, "train": {**TRAIN, **(train or {})}, "fold": -1, "final": False}
     cmd = [
         sys.executable,
@@ -90,7 +99,7 @@ def launch(
         "--ckpt-dir",
         str(ckpt),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     log = open(out.parent / f"{out.name}.log", "ab")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, **kw

@@ -7,7 +7,7 @@ input:  meta  - the binned data's meta.json (exact sequence length without zero 
 output: json  - results/{dataset}/exp/{grid point}/preflight.json
 params: preflight - model, train (the experiment's dicts), n_hvg, n_bins,
         include_zero_genes, prior (bool), and the config's memory section: gpu_mem_gib,
-        n_gpus, safety_margin, auto_micro_batch
+        n_gpus, safety_margin, workspace_mib, auto_micro_batch
 """
 
 import sys
@@ -40,6 +40,7 @@ def main() -> None:
         n_gpus=int(p["n_gpus"]),
         safety_margin=float(p["safety_margin"]),
         auto_micro_batch=bool(p["auto_micro_batch"]),
+        workspace_mib=float(p["workspace_mib"]),
     )
 
 

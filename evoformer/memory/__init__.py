@@ -9,6 +9,7 @@ Public API::
     measure_step                           measured.py    build and measure a step for real
     record_cpu_peak                        measured.py    the same as a context manager
     preflight, PreflightResult             preflight.py   does it fit? (raises InputError if not)
+    WORKSPACE_MIB                          preflight.py   default workspace allowance (GPU)
     report, memory_table                   report.py      per-experiment report, summary table
     StepSpec, spec_from_config, data_shape spec.py        what one step on one device looks like
 
@@ -31,6 +32,7 @@ _WHERE = {
     "measure_step": "measured",
     "record_cpu_peak": "measured",
     "PreflightResult": "preflight",
+    "WORKSPACE_MIB": "preflight",
     "preflight": "preflight",
     "memory_table": "report",
     "memory_table_from_json": "report",

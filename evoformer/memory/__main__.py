@@ -23,7 +23,12 @@ import yaml
 
 from evoformer.errors import InputError
 from evoformer.memory.analytical import GIB, estimate, journal_table_markdown
-from evoformer.memory.preflight import PreflightResult, preflight
+from evoformer.memory.preflight import (
+    WORKSPACE_MIB,
+    PreflightResult,
+    preflight,
+    workspace_bytes,
+)
 from evoformer.memory.report import CATEGORIES
 from evoformer.memory.spec import data_shape, spec_from_config
 
@@ -138,6 +143,13 @@ def _parser() -> argparse.ArgumentParser:
         "--safety-margin", type=float, default=None, help="fraction kept free (default 0.1)"
     )
     tgt.add_argument(
+        "--workspace-mib",
+        type=float,
+        default=None,
+        help="workspace allowance added to the GPU peak: cuBLAS/cuDNN workspaces the trace "
+        f"does not see (default: config memory.workspace_mib or {WORKSPACE_MIB})",
+    )
+    tgt.add_argument(
         "--auto-micro-batch", action="store_true", help="pick the largest micro-batch that fits"
     )
     tgt.add_argument(
@@ -227,26 +239,37 @@ def _table(name: str, res: dict[str, Any]) -> str:
     tp = t["peak_bytes"] / GIB if t else float("nan")
     lines.append(f"   {'PEAK per GPU':24s} {a['peak_bytes'] / GIB:15.2f} {tp:12.2f}")
     lines.append(
-        f"   usable: {res['budget_bytes'] / GIB:.2f} GiB; analytical peak at {a.get('peak_at', '')}"
+        f"   usable: {res['budget_bytes'] / GIB:.2f} GiB; workspace allowance (added to the peak) "
+        f"{res['workspace_bytes'] / GIB:.2f} GiB; analytical peak at {a.get('peak_at', '')}"
     )
     lines.append("   " + res["message"])
     return "\n".join(lines)
 
 
 def _analytical_only(
-    model: dict, train: dict, shape: dict, gpus: int, mem: float, margin: float, opm: str
+    model: dict,
+    train: dict,
+    shape: dict,
+    gpus: int,
+    mem: float,
+    margin: float,
+    opm: str,
+    workspace_mib: float,
 ) -> dict[str, Any]:
     spec = spec_from_config(model, train, shape, n_gpus=gpus, device="cuda", opm=opm)
     a = estimate(spec)
     budget = int(mem * GIB * (1 - margin))
-    fits = a.peak_bytes <= budget
+    workspace = workspace_bytes(workspace_mib, "cuda")
+    fits = a.peak_bytes + workspace <= budget
     verdict = "fits" if fits else "does not fit"
     return {
         "fits": fits,
         "analytical": a.to_dict(),
         "traced": None,
         "budget_bytes": budget,
-        "message": f"{verdict} (analytical): {a.peak_bytes / GIB:.1f} GiB per GPU vs {budget / GIB:.1f} GiB usable",
+        "workspace_bytes": workspace,
+        "message": f"{verdict} (analytical): {a.peak_bytes / GIB:.1f} GiB per GPU + workspace "
+        f"allowance {workspace / GIB:.2f} GiB vs {budget / GIB:.1f} GiB usable",
     }
 
 
@@ -275,14 +298,28 @@ def main(argv: list[str] | None = None) -> int:
             if args.safety_margin is not None
             else float(mem_cfg.get("safety_margin", 0.1))
         )
+        workspace = (
+            args.workspace_mib
+            if args.workspace_mib is not None
+            else float(mem_cfg.get("workspace_mib", WORKSPACE_MIB))
+        )
         auto = args.auto_micro_batch or bool(mem_cfg.get("auto_micro_batch", False))
         results = []
         for name, model, train, shape in runs:
             if args.method == "analytical":
-                res = _analytical_only(model, train, shape, gpus, mem, margin, args.opm)
+                res = _analytical_only(model, train, shape, gpus, mem, margin, args.opm, workspace)
             else:
                 pf: PreflightResult = preflight(
-                    model, train, shape, mem, gpus, margin, auto, opm=args.opm, raise_on_oom=False
+                    model,
+                    train,
+                    shape,
+                    mem,
+                    gpus,
+                    margin,
+                    auto,
+                    opm=args.opm,
+                    raise_on_oom=False,
+                    workspace_mib=workspace,
                 )
                 res = {**pf.to_dict(), "message": pf.message()}
             res["name"] = name

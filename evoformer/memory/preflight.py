@@ -1,10 +1,18 @@
 """Out-of-memory pre-flight: predict the peak per GPU before a job is queued.
 
 :func:`preflight` traces the experiment's training step (``FakeTensorMode`` + ``MemTracker``,
-nothing allocated) at its micro-batch on the target GPU and compares the peak with the usable
-memory, ``gpu_mem_gib * (1 - safety_margin)``. The margin covers what the traced peak does not
-contain: the CUDA context (about 0.5 GiB, outside ``max_memory_allocated``), cuBLAS / NCCL
-workspaces, allocator fragmentation (reserved > allocated) and the validation pass.
+nothing allocated) at its micro-batch on the target GPU and compares the peak plus a workspace
+allowance with the usable memory, ``gpu_mem_gib * (1 - safety_margin)``.
+
+The workspace allowance (``memory.workspace_mib``, :data:`WORKSPACE_MIB` by default; CUDA
+targets only) is what ``torch.cuda.max_memory_allocated`` counts but the trace cannot see:
+cuBLAS / cuDNN workspaces and the attention kernels' internal buffers, measured on an H200 as
+a gap of 84 MiB (pair stack, r = 129, B = 4) to 478 MiB (journal step, r = 501, B = 32; 551 MiB
+before the row attention left the math kernel) between the measured and the traced peak
+(BENCHMARKS.md, "GPU check"). It is kept apart from the traced peak (``workspace_bytes`` in the
+result) so that the traced, analytical and measured estimates stay comparable. The margin covers
+what neither contains: the CUDA context (about 0.5 GiB, outside ``max_memory_allocated``), NCCL
+buffers, allocator fragmentation (reserved > allocated) and the validation pass.
 
 When the step does not fit it either stops with a one-line message (the predicted peak, the
 dominant term, and what would fit: the largest micro-batch, and the switches - bf16, activation
@@ -34,6 +42,12 @@ from evoformer.memory.traced import TracedResult, trace_step
 
 log = logging.getLogger(__name__)
 
+#: Default ``memory.workspace_mib``: 1 GiB, over twice the largest gap measured between the
+#: GPU's peak and the traced one (478 MiB, the journal step on an H200; 1.9x the 551 MiB of
+#: its first run). The gap grew with the step (84 MiB at r = 129, B = 4): a step much larger
+#: than the journal's may need more (the GPU check measures it).
+WORKSPACE_MIB = 1024
+
 #: Journal-style names of the ledger entries, for the "dominant term" of the message.
 COMPONENT_NAMES = {
     "opm_outer": "naive outer product [B, r, r, c_opm, c_opm]",
@@ -59,6 +73,8 @@ class PreflightResult:
         predicted_peak_bytes: traced peak per GPU of the step that will run.
         analytical_peak_bytes: analytical peak of the same step.
         budget_bytes: ``gpu_mem_gib * 2^30 * (1 - safety_margin)``.
+        workspace_bytes: the workspace allowance (``memory.workspace_mib``; 0 on a CPU
+            target): a step fits when its traced peak plus this is at most the budget.
         micro_batch_size, grad_accumulation: what training should use (adjusted when
             ``auto_micro_batch`` lowered the micro-batch).
         requested_micro_batch_size: the configured micro-batch.
@@ -89,20 +105,29 @@ class PreflightResult:
     analytical: dict[str, Any] = field(default_factory=dict)
     spec: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    workspace_bytes: int = 0  # absent from pre-flights written before it existed
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
     def message(self) -> str:
-        """One line: verdict, predicted peak, budget, dominant term, what fits."""
+        """One line: verdict, predicted peak (+ workspace allowance), budget, dominant term,
+        what fits."""
         h = human_bytes
+        ws = self.workspace_bytes
+        allowance = (
+            f" + workspace allowance {h(ws)} (memory.workspace_mib) = "
+            f"{h(self.requested_peak_bytes + ws)}"
+            if ws
+            else ""
+        )
         head = (
             f"predicted peak {h(self.requested_peak_bytes)} per GPU at micro_batch_size "
-            f"{self.requested_micro_batch_size} ({self.precision}) vs {h(self.budget_bytes)} usable "
-            f"({self.gpu_mem_gib:g} GiB x (1 - {self.safety_margin:g}))"
+            f"{self.requested_micro_batch_size} ({self.precision}){allowance} vs "
+            f"{h(self.budget_bytes)} usable ({self.gpu_mem_gib:g} GiB x (1 - {self.safety_margin:g}))"
         )
         dom = f"dominant term: {self.dominant['name']} {h(self.dominant['bytes'])}"
-        if self.requested_peak_bytes <= self.budget_bytes:
+        if self.requested_peak_bytes + ws <= self.budget_bytes:
             return f"fits: {head}; {dom}"
         fit = []
         if self.largest_fitting_micro_batch:
@@ -121,6 +146,21 @@ class PreflightResult:
                 f"({h(self.predicted_peak_bytes)}); {would}"
             )
         return f"does not fit: {head}; {dom}; {would}"
+
+
+def workspace_bytes(workspace_mib: float, device: str) -> int:
+    """The workspace allowance of a ``device`` target in bytes: ``workspace_mib`` MiB on
+    ``cuda``, 0 on ``cpu``. Raises InputError naming ``memory.workspace_mib`` unless it is a
+    number >= 0."""
+    if (
+        not isinstance(workspace_mib, int | float)
+        or isinstance(workspace_mib, bool)
+        or not workspace_mib >= 0
+    ):
+        raise InputError(
+            f"config key 'memory.workspace_mib': got {workspace_mib!r}, expected a number >= 0"
+        )
+    return int(workspace_mib * 2**20) if device == "cuda" else 0
 
 
 def dominant_term(traced: TracedResult, analytical: AnalyticalResult) -> dict[str, Any]:
@@ -270,6 +310,7 @@ def preflight(
     opm: str = "ours",
     raise_on_oom: bool = True,
     device: str = "cuda",
+    workspace_mib: float = WORKSPACE_MIB,
 ) -> PreflightResult:
     """Does the experiment's training step fit on ``n_gpus`` GPUs of ``gpu_mem_gib`` each?
 
@@ -289,6 +330,8 @@ def preflight(
             behaviour); False returns the result with ``fits = False``.
         device: ``cuda`` (the target GPU, emulated) or ``cpu`` (a CPU-only run: ``n_gpus`` is
             then the process count and ``gpu_mem_gib`` the memory per process).
+        workspace_mib: the workspace allowance added to the traced peak of a ``cuda`` target
+            (see the module docstring; ignored for ``cpu``).
 
     Raises:
         InputError: a bad argument, or the step does not fit (one line: predicted peak,
@@ -310,17 +353,19 @@ def preflight(
     )
     global_batch = int(train_cfg.get("global_batch_size", spec.batch_size * n_gpus))
     budget = int(gpu_mem_gib * GIB * (1 - safety_margin))
+    workspace = workspace_bytes(workspace_mib, spec.device)
+    room = budget - workspace  # what the traced peak may take
 
     traced = trace_step(spec)
     analytical = estimate(spec)
     ratio = traced.peak_bytes / max(1, analytical.peak_bytes)
     dom = dominant_term(traced, analytical)
-    fits = traced.peak_bytes <= budget
+    fits = traced.peak_bytes <= room
     micro, peak, adjusted = spec.batch_size, traced.peak_bytes, False
     largest, sugg = None, []
     if not fits:
-        largest, largest_peak = largest_micro_batch(spec, budget, ratio)
-        sugg = suggestions(spec, budget, ratio)
+        largest, largest_peak = largest_micro_batch(spec, room, ratio)
+        sugg = suggestions(spec, room, ratio)
         if auto_micro_batch and largest:
             per_gpu = global_batch // n_gpus
             b = max((d for d in range(1, largest + 1) if per_gpu % d == 0), default=0)
@@ -359,6 +404,7 @@ def preflight(
         analytical=analytical.to_dict(),
         spec=final.to_dict(),
         seconds=time.perf_counter() - t0,
+        workspace_bytes=workspace,
     )
     if not result.fits and raise_on_oom:
         raise InputError("config 'experiment.train.micro_batch_size': " + result.message())
@@ -375,6 +421,7 @@ def write_preflight(
     safety_margin: float = 0.1,
     auto_micro_batch: bool = False,
     device: str = "cuda",
+    workspace_mib: float = WORKSPACE_MIB,
 ) -> PreflightResult:
     """:func:`preflight` for the workflow: logs the verdict and writes ``preflight.json``
     atomically; raises :class:`InputError` (nothing written) when the step does not fit."""
@@ -387,12 +434,14 @@ def write_preflight(
         safety_margin,
         auto_micro_batch,
         device=device,
+        workspace_mib=workspace_mib,
     )
     log.info("%s", result.message())
     log.info(
-        "traced %s, analytical %s, %.1f s",
+        "traced %s, analytical %s, workspace allowance %s, %.1f s",
         human_bytes(result.predicted_peak_bytes),
         human_bytes(result.analytical_peak_bytes),
+        human_bytes(result.workspace_bytes),
         result.seconds,
     )
     write_text_atomic(out_json, json.dumps(result.to_dict(), indent=2) + "\n")

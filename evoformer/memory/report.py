@@ -12,6 +12,10 @@ The report puts the three estimates side by side, per component:
 Two steps are estimated: the pre-flight's (the target GPU, from ``preflight.json``) and, when
 the run went elsewhere (a CPU fallback, another precision or process count, read from the
 summary), the step as it actually ran, so that measured/traced compares like with like.
+
+The pre-flight's workspace allowance (``memory.workspace_mib``, CUDA targets only) is reported
+on its own line and column (``workspace_allowance_bytes``), not added to any of the three
+estimates: it is part of the verdict, not of the step's tensors.
 """
 
 from __future__ import annotations
@@ -233,6 +237,7 @@ def report(
         "n_gpus": pf["n_gpus"],
         "gpu_mem_gib": pf["gpu_mem_gib"],
         "fits": pf["fits"],
+        "workspace_allowance_bytes": pf.get("workspace_bytes", 0),
         "target_analytical_peak_bytes": target_a["peak_bytes"],
         "target_traced_peak_bytes": target_t["peak_bytes"],
         "analytical_peak_bytes": run_a["peak_bytes"],
@@ -246,10 +251,17 @@ def report(
 
     title = f"Memory report{': ' + experiment if experiment else ''}"
     md = [f"# {title}", ""]
+    workspace = pf.get("workspace_bytes", 0)
     md += [
         f"Pre-flight target: {pf['n_gpus']} x GPU of {pf['gpu_mem_gib']:g} GiB, safety margin "
         f"{pf['safety_margin']:g} -> {_gib(pf['budget_bytes'])} usable per GPU. "
         f"Step: {target_spec.label()}.",
+        "",
+        f"Workspace allowance: "
+        f"{'none (CPU target)' if target_spec.device == 'cpu' else _gib(workspace)} "
+        "(`memory.workspace_mib`: cuBLAS/cuDNN workspaces the trace does not see). The verdict "
+        "compares the traced peak plus the allowance with the usable memory; the estimates "
+        "below leave it out.",
         "",
         f"**Verdict**: {verdict(pf)}",
         "",
