@@ -175,9 +175,20 @@ def test_preset_sweep_and_final_epochs() -> None:
 def test_published_configs_are_valid(path: Path) -> None:
     import jsonschema
 
+    from evoformer.perturb.evaluate import PerturbEvalParams
+    from evoformer.perturb.splits import PerturbSplitParams
+
     cfg = yaml.safe_load(path.read_text())
     jsonschema.Draft202012Validator(SCHEMA).validate(cfg)
-    check(cfg)
+    tasks = cfg.get("tasks", ["masked_expression"])
+    if "masked_expression" in tasks:
+        check(cfg)
+    if "perturbation" in tasks:
+        p = cfg["perturbation"]
+        assert cfg["datasets"][p["dataset"]].get("perturbation")
+        for name, split in p["splits"].items():
+            PerturbSplitParams.from_dict(split, f"perturbation.splits.{name}")
+        PerturbEvalParams.from_dict(p.get("evaluation"))
 
 
 def test_the_journal_config_passes_the_preflight_on_two_a100s() -> None:
