@@ -104,6 +104,22 @@ def test_flops_scale_with_the_cells_and_the_gpu_kernels_add_the_attention_recomp
     assert gpu.model_flops - cpu.model_flops == 2 * (2 * B * H * R * R * D)
 
 
+def test_chunked_recompute_is_executed_not_model_flops() -> None:
+    """Chunks recomputed in backward (the triangle ops, the transitions) cost executed FLOPs
+    only; the forward and the model FLOPs do not depend on the chunking."""
+    base = dict(c_m=8, c_z=6, c_opm=3, n_blocks=2, c_hidden_msa=4, c_hidden_pair=4)
+    base.update(c_hidden_tri_mul=4, n_heads_pair=2)
+
+    def evoformer(chunk: int | None) -> StepCost:
+        model = ModelConfig(preset="evoformer", chunk_size=chunk, **base)
+        return count_step(StepSpec(model=model, batch_size=2, seq_len=L, n_genes=20, n_bins=K))
+
+    plain, chunked = evoformer(None), evoformer(4)
+    assert chunked.forward_flops == plain.forward_flops
+    assert chunked.model_flops == plain.model_flops == plain.hardware_flops
+    assert chunked.recompute_counted and chunked.hardware_flops > chunked.model_flops
+
+
 def test_traffic_counts_reads_and_writes_not_views() -> None:
     with FakeTensorMode():
         x = torch.zeros(4, 6)  # 96 bytes

@@ -14,11 +14,13 @@ Three counts per micro-batch of ``B`` samples (a sample is one cell, or one MSA 
 ``n_cells_per_msa`` cells: the unit of ``average_speed_samples_per_s``):
 
 * ``forward_flops``: the forward pass;
-* ``model_flops``: forward + backward of the step *without* activation checkpointing (the
-  numerator of the model FLOPs utilisation, MFU);
-* ``hardware_flops``: what the device executes: ``model_flops`` plus the recompute of the
-  checkpointed blocks in backward under ``blocks_per_ckpt`` (equal to ``model_flops`` without
-  checkpointing; the numerator of the hardware FLOPs utilisation, HFU).
+* ``model_flops``: forward + backward of the step without any recompute (no activation
+  checkpointing, no chunking; the numerator of the model FLOPs utilisation, MFU);
+* ``hardware_flops``: what the device executes: ``model_flops`` plus the recompute in backward
+  of the checkpointed blocks (``blocks_per_ckpt``; non-reentrant checkpointing stops once the
+  tensors backward needs are back, so a block's trailing ops may not be recomputed) and of the
+  chunks of the triangle ops and transitions (``chunk_size``); equal to ``model_flops`` with
+  neither (the numerator of the hardware FLOPs utilisation, HFU).
 
 The model is the eager one (``train.compile`` changes no matrix product). For a CUDA step the
 count runs inside :func:`evoformer.memory.emulation.cuda_emulation`, so attention goes through
@@ -50,6 +52,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 
 from evoformer.memory.spec import StepSpec, build_model, fake_batch
 
@@ -117,6 +120,28 @@ class TrafficCounter(TorchDispatchMode):
         return out
 
 
+class _NoModules:
+    """Stands in for ``FlopCounterMode``'s ``ModuleTracker``: every count goes to "Global"."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _NoModules:
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        return None
+
+
+class GlobalFlopCounter(FlopCounterMode):
+    """``FlopCounterMode`` (its formulas, its decompositions, ``get_total_flops``) without the
+    per-module breakdown: its ``ModuleTracker`` puts gradient hooks on module outputs that fail
+    inside a backward's own ``torch.autograd.grad`` (the recomputed chunks of ``chunk_size``)."""
+
+    def __init__(self) -> None:
+        super().__init__(display=False)
+        self.mod_tracker = _NoModules()
+
+
 @dataclass
 class StepCost:
     """FLOPs and memory traffic of one micro-batch's forward + backward (see the module doc).
@@ -124,12 +149,13 @@ class StepCost:
     Attributes:
         batch_size: ``B``, samples in the micro-batch.
         forward_flops: the forward pass.
-        model_flops: forward + backward without activation checkpointing.
-        hardware_flops: forward + backward + the recompute of checkpointed blocks.
+        model_flops: forward + backward without recompute.
+        hardware_flops: forward + backward + the recompute of checkpoints and chunks.
         traffic_bytes: estimated memory traffic of the executed step (recompute included;
             None when not estimated).
         pair_traffic_bytes: the part of it over ``r x r`` tensors (None when not estimated).
-        recompute_counted: whether the step checkpoints (``hardware_flops`` > ``model_flops``).
+        recompute_counted: whether the step recomputes (``blocks_per_ckpt`` or ``chunk_size``
+            set: ``hardware_flops`` counts it, ``model_flops`` does not).
         device: ``cuda`` (GPU kernels emulated) or ``cpu``.
         precision: ``bf16`` or ``fp32``.
         seconds: wall time of the count.
@@ -186,7 +212,6 @@ def _fake_step(spec: StepSpec, traffic: bool) -> tuple[int, int, int, int]:
     """(forward FLOPs, forward + backward FLOPs, traffic bytes, pair traffic bytes) of one
     micro-batch of ``spec`` on fake tensors (traffic 0 unless ``traffic``)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
 
     if spec.device == "cuda":
         from evoformer.memory.emulation import cuda_emulation
@@ -204,7 +229,7 @@ def _fake_step(spec: StepSpec, traffic: bool) -> tuple[int, int, int, int]:
         model.train()
         batch = fake_batch(spec)
         bytes_ = TrafficCounter(spec.r)
-        with FlopCounterMode(display=False) as counter, bytes_ if traffic else nullcontext():
+        with GlobalFlopCounter() as counter, bytes_ if traffic else nullcontext():
             with autocast:
                 loss, _ = model.loss(batch)
             forward = counter.get_total_flops()
@@ -222,15 +247,18 @@ def count_step(spec: StepSpec, traffic: bool = True) -> StepCost:
         traffic: also estimate the memory traffic (else ``traffic_bytes`` is None).
 
     Returns:
-        :class:`StepCost`; with ``blocks_per_ckpt`` the step is counted twice (as configured,
-        and without checkpointing for ``model_flops``). Seconds on a CPU at the journal's size.
+        :class:`StepCost`; with ``blocks_per_ckpt`` or ``chunk_size`` the step is counted twice
+        (as configured, and without checkpointing and chunking for ``model_flops``). Seconds on a CPU at the
+        journal's size; about a minute for the full pair stack chunked at r = 2001 (the chunks'
+        operators, not the sizes, set the time).
     """
     t0 = time.perf_counter()
     fwd, hardware, n_bytes, pair = _fake_step(spec, traffic)
-    ckpt = spec.model.blocks_per_ckpt is not None
+    recompute = spec.model.blocks_per_ckpt is not None or spec.model.chunk_size is not None
     model_flops = hardware
-    if ckpt:
-        _, model_flops, _, _ = _fake_step(spec.replace(model={"blocks_per_ckpt": None}), False)
+    if recompute:
+        plain = spec.replace(model={"blocks_per_ckpt": None, "chunk_size": None})
+        _, model_flops, _, _ = _fake_step(plain, False)
     return StepCost(
         batch_size=spec.batch_size,
         forward_flops=fwd,
@@ -238,7 +266,7 @@ def count_step(spec: StepSpec, traffic: bool = True) -> StepCost:
         hardware_flops=hardware,
         traffic_bytes=n_bytes if traffic else None,
         pair_traffic_bytes=pair if traffic else None,
-        recompute_counted=ckpt,
+        recompute_counted=recompute,
         device=spec.device,
         precision=spec.precision,
         seconds=time.perf_counter() - t0,
