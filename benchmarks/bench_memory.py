@@ -34,7 +34,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from evoformer.io import write_text_atomic  # noqa: E402
-from evoformer.memory.__main__ import AF2, JOURNAL  # noqa: E402
+from evoformer.memory.__main__ import AF2  # noqa: E402
+from evoformer.memory.__main__ import JOURNAL_AS_RUN as JOURNAL  # noqa: E402
 from evoformer.memory.analytical import GIB, estimate, journal_table_markdown  # noqa: E402
 from evoformer.memory.measured import measure_step  # noqa: E402
 from evoformer.memory.preflight import largest_micro_batch  # noqa: E402

@@ -19,7 +19,8 @@ Outputs:
   folds of the *validation* metrics, its rank and whether it is ``selected`` (best mean of the
   selection metric). Test metrics are never read for it. Without CV folds, the holdout runs
   stand in (one "fold", std NA).
-* ``performance.tsv``: speed, step times and peak memory per record: measurements that vary from
+* ``performance.tsv``: speed, achieved model TFLOP/s and share of the devices' peak
+  (:mod:`evoformer.flops`), step times and peak memory per record: measurements that vary from
   run to run, kept out of the two tables above.
 * ``summary.md``: per evaluated model and expression-space metric, the model, the strongest
   baseline and their difference with its 95% bootstrap interval, and which is better, in
@@ -53,6 +54,7 @@ import pandas as pd
 
 import evoformer
 from evoformer.errors import InputError
+from evoformer.flops.peaks import THROUGHPUT_FIELDS
 from evoformer.io import atomic_path, write_text_atomic
 
 log = logging.getLogger("evoformer.tables")
@@ -62,6 +64,7 @@ PERFORMANCE_FIELDS = (
     "total_samples",
     "total_steps",
     "average_speed_samples_per_s",
+    *THROUGHPUT_FIELDS,
     "average_batch_time_ms",
     "average_forward_time_ms",
     "average_backward_time_ms",

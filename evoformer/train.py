@@ -16,7 +16,10 @@ last ones without validation, + resolved config), ``metrics.tsv`` (one row per l
 validation), ``learning_curve.png``, ``performance_summary.json`` and ``run_info.json`` (world size,
 devices, Slurm job id, the selected step). The peak memory in the summary is
 ``torch.cuda.max_memory_allocated`` on GPU and, on CPU, the profiler's allocator peak of one
-training step (``peak_memory_source``: ``profiler``; the process RSS is kept beside it). With
+training step (``peak_memory_source``: ``profiler``; the process RSS is kept beside it). Next
+to the speed in samples/s the summary gives the model FLOPs per sample (counted once at start on
+fake tensors, :mod:`evoformer.flops`), the achieved TFLOP/s and the share of the devices' peak
+(``train.peak_tflops``, else the datasheet figure of an A100 / H100 / H200; none on CPU). With
 ``--preflight`` (the pre-flight's ``preflight.json``) a micro-batch the pre-flight lowered
 (``memory.auto_micro_batch``) replaces the configured one. With ``train.memory_snapshot`` on
 GPU, ``memory_snapshot.pickle`` holds the allocator history of the first steps.
@@ -76,8 +79,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from evoformer.data.arrays import BinnedData
 from evoformer.errors import InputError, TrainingDiverged
+from evoformer.flops.count import StepCost, count_step
+from evoformer.flops.peaks import device_peak, throughput_fields
 from evoformer.io import atomic_path, save_torch_atomic, write_text_atomic
 from evoformer.memory.measured import record_cpu_peak
+from evoformer.memory.spec import StepSpec
 from evoformer.metrics import bin_values, metrics_from_sums, moment_sums
 from evoformer.model import (
     BioFormer,
@@ -567,6 +573,7 @@ class Trainer:
         self._load_data(binned, split_path)
         self._build_model()
         self._resume()
+        self.step_cost = self._count_flops() if self.rank == 0 else None
 
     # ------------------------------------------------------------------ set-up
     def _load_data(self, binned: Path, split_path: Path) -> None:
@@ -641,6 +648,36 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg, self.total_steps)
         )
+
+    def _count_flops(self) -> StepCost | None:
+        """The model FLOPs of one micro-batch, counted once on fake tensors (:mod:`evoformer.flops`)
+        for this run's shapes, precision and device; None (with a warning) if counting fails:
+        the accounting never stops a training."""
+        spec = StepSpec(
+            model=self.spec.model,
+            batch_size=self.cfg.micro_batch_size,
+            seq_len=int(self.data.values.shape[1]),
+            n_genes=len(self.data.genes),
+            n_bins=self.n_bins,
+            n_labels=self.n_labels,
+            precision=self.precision,
+            device=self.device.type,
+            prior=self.spec.prior is not None,
+        )
+        try:
+            cost = count_step(spec, traffic=False)
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            log.warning("model FLOPs not counted (%s: %s)", type(exc).__name__, exc)
+            return None
+        log.info(
+            "model FLOPs per sample: %.4g GFLOP forward + backward%s (counted in %.1f s)",
+            cost.model_flops_per_sample / 1e9,
+            f", {cost.hardware_flops_per_sample / 1e9:.4g} GFLOP with the checkpoint recompute"
+            if cost.recompute_counted
+            else "",
+            cost.seconds,
+        )
+        return cost
 
     def _resume(self) -> None:
         """Continue from ``last.pt`` when it matches these settings; else start at step 0."""
@@ -1101,11 +1138,15 @@ class Trainer:
             "best_metric": self.best["metric"] if math.isfinite(self.best["metric"]) else None,
             "stopped_early": self.step < self.total_steps,
         }
+        speed = cfg.global_batch_size * n / max(self.train_time, 1e-9)
+        device_name = system_info(self.device, self.world)["device"]
+        peak_tflops, peak_source = device_peak(device_name, self.precision, cfg.peak_tflops)
         summary = {
             "total_samples": self.samples_done,
             "total_steps": self.step,
             "steps_per_epoch": self.steps_per_epoch,
-            "average_speed_samples_per_s": cfg.global_batch_size * n / max(self.train_time, 1e-9),
+            "average_speed_samples_per_s": speed,
+            **throughput_fields(self.step_cost, speed, self.world, peak_tflops, peak_source),
             "average_batch_time_ms": 1000 * self.timers["batch"] / n,
             "average_forward_time_ms": 1000 * self.timers["forward"] / n,
             "average_backward_time_ms": 1000 * self.timers["backward"] / n,
@@ -1121,6 +1162,7 @@ class Trainer:
                 (r["loss"] for r in reversed(self.history) if r["kind"] == "train"), None
             ),
             "n_parameters": n_params,
+            "flops": None if self.step_cost is None else self.step_cost.to_dict(),
             **selection,
             "config": {
                 "model": spec.model.to_dict(),

@@ -98,6 +98,10 @@ class TrainConfig:
     # to <out>/memory_snapshot.pickle (drag it onto https://pytorch.org/memory_viz)
     memory_snapshot: bool = False
     profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
+    # peak TFLOP/s of one device for the run's precision, the denominator of the reported FLOPs
+    # utilisation (null: NVIDIA's datasheet figure for A100 / H100 / H200, by device name;
+    # none for a CPU or another GPU): see evoformer.flops
+    peak_tflops: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, key: str = "train") -> TrainConfig:
@@ -151,6 +155,8 @@ class TrainConfig:
                 raise bad(name, "must be >= 0")
         if self.monitor not in VALIDATION_METRICS:
             raise bad("monitor", f"must be one of {', '.join(VALIDATION_METRICS)}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise bad("peak_tflops", "must be > 0 or null")
 
     def grad_accumulation(self, world_size: int) -> int:
         """Micro-batches per process per optimizer step (global = micro x accum x world)."""
@@ -163,7 +169,17 @@ class TrainConfig:
         return self.global_batch_size // per_step
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain dict; a reporting-only key left unset (:data:`UNSET_OMITTED`) is left out, so
+        adding it changed no run's spec, config hash or checkpoint (nothing retrains)."""
+        d = dataclasses.asdict(self)
+        for key in UNSET_OMITTED:
+            if d[key] is None:
+                del d[key]
+        return d
+
+
+#: ``TrainConfig`` keys that change no trained weight, left out of its plain dict when null.
+UNSET_OMITTED = ("peak_tflops",)
 
 
 @dataclass
@@ -235,7 +251,7 @@ class RunSpec:
         return spec
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "train": self.train.to_dict()}
 
 
 @dataclass

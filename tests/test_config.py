@@ -191,21 +191,19 @@ def test_published_configs_are_valid(path: Path) -> None:
         PerturbEvalParams.from_dict(p.get("evaluation"))
 
 
-def test_the_journal_config_passes_the_preflight_on_two_a100s() -> None:
+def test_the_journal_config_is_the_journal_constant_and_passes_the_preflight() -> None:
     from evoformer.memory.preflight import preflight
-    from evoformer.memory.spec import data_shape
+    from evoformer.memory.spec import JOURNAL, data_shape
 
     cfg = yaml.safe_load((ROOT / "configs" / "journal_a100.yaml").read_text())
     exp, mem = cfg["experiment"], cfg["memory"]
+    # the yaml is a complete config; its model, data and step settings are the constant's
+    assert exp["model"] == JOURNAL["model"]
+    assert {k: exp["train"][k] for k in JOURNAL["train"]} == JOURNAL["train"]
+    assert {k: exp[k] for k in JOURNAL["data"]} == JOURNAL["data"]
+    assert not cfg["sweep"]
     s = run_spec(cfg, grid(cfg).iloc[0].to_dict(), "holdout")
-    assert (exp["n_hvg"], s.model.c_m, s.model.c_z, s.model.c_opm, s.model.n_blocks) == (
-        500,
-        128,
-        128,
-        32,
-        8,
-    )
-    assert s.train.micro_batch_size == 32 and s.train.precision == "bf16"
+    assert s.model == ModelConfig.from_dict(JOURNAL["model"])
     result = preflight(
         s.model.to_dict(),
         s.train.to_dict(),
@@ -227,3 +225,16 @@ def test_schema_lists_exactly_the_perturbation_benchmark_keys() -> None:
     fractions = split["properties"]["control_fractions"]["properties"]
     assert set(fractions) == names(ControlFractions)
     assert set(section["evaluation"]["properties"]) == names(PerturbEvalParams)
+
+
+def test_peak_tflops_is_checked_and_left_out_of_the_spec_when_unset() -> None:
+    """A reporting-only key: unset, the plain spec (and so every config hash, checkpoint and
+    Snakemake parameter) is what it was before the key existed."""
+    cfg = config()
+    unset = run_spec(cfg, grid(cfg).iloc[0].to_dict(), "holdout").to_dict()
+    assert "peak_tflops" not in unset["train"]
+    cfg["experiment"]["train"]["peak_tflops"] = 312
+    s = run_spec(cfg, grid(cfg).iloc[0].to_dict(), "holdout")
+    assert s.train.peak_tflops == 312.0 and s.to_dict()["train"]["peak_tflops"] == 312.0
+    with pytest.raises(InputError, match="train.peak_tflops"):
+        TrainConfig.from_dict({"peak_tflops": 0})

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py: the no-CUDA exit, the budget, bad input, and the whole CPU dry run
+"""benchmarks/gpu_check (``python -m benchmarks.gpu_check``): the no-CUDA exit, the budget, bad input, and the whole CPU dry run
 (every item at tiny sizes, gloo for the training run) with scanpy / anndata / jsonschema /
 umap / snakemake made unimportable, as on the GPU machine."""
 
@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 ITEMS = (
     "env",
     "memory_journal",
@@ -44,7 +43,7 @@ def blocked_env(tmp_path: Path) -> dict[str, str]:
 
 def run(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, "-m", "benchmarks.gpu_check", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -117,6 +116,14 @@ def test_cpu_dry_run_end_to_end(tmp_path):
     rows = {r["precision"]: r for r in items["throughput"]["rows"]}
     assert set(rows) == {"bf16", "fp32"}
     assert all(r["status"] == "ok" and r["samples_per_s"] > 0 for r in rows.values())
+    for r in rows.values():  # the FLOP accounting of the timed steps (checkpointed: recompute)
+        assert 0 < r["model_flops_per_sample"] < r["hardware_flops_per_sample"]
+        assert r["model_tflops_per_s"] == pytest.approx(
+            r["model_flops_per_sample"] * r["samples_per_s"] / 1e12
+        )
+        assert r["model_flops_utilization"] is None  # no peak for a CPU
+        assert r["traffic_bytes_per_step"] > 0 and 0 < r["pair_traffic_share"] < 1
+    assert rows["bf16"]["traffic_bytes_per_step"] < rows["fp32"]["traffic_bytes_per_step"]
     sdpa = items["sdpa"]
     assert sdpa["probes"]["float32"]["MATH"] == "ok"
     assert set(sdpa["training_step"]) == {"journal", "pair_stack"}
@@ -127,6 +134,7 @@ def test_cpu_dry_run_end_to_end(tmp_path):
     assert smoke["passed"] and smoke["exit_code"] == 0
     assert smoke["world_size"] == 2 and smoke["backend"] == "gloo"
     assert smoke["total_steps"] == 3 and smoke["samples_per_s"] > 0
+    assert smoke["model_tflops_per_s"] > 0 and smoke["model_flops_utilization"] is None
     assert (out / "ddp_smoke" / "train" / "model.pt").is_file()
     nccl = items["nccl_ddp"]
     assert nccl["passed"] and nccl["backend"] == "gloo" and nccl["params_in_sync"]
@@ -145,6 +153,7 @@ def test_cpu_dry_run_end_to_end(tmp_path):
         "## Training entry point smoke run",
         "## Process group + DDP",
         "## Data loader at the journal shape",
+        "| model TFLOP/s | of peak |",
     ):
         assert heading in md
     assert "Not run" not in md

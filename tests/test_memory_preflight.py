@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from evoformer.errors import InputError
-from evoformer.memory.__main__ import JOURNAL, main
+from evoformer.memory.__main__ import JOURNAL_AS_RUN, main
 from evoformer.memory.measured import measure_step
 from evoformer.memory.preflight import WORKSPACE_MIB, preflight, write_preflight
 from evoformer.memory.report import memory_table_from_json, report
@@ -20,9 +20,9 @@ GIB = 2**30
 
 def journal(**train):
     return (
-        dict(JOURNAL["model"]),
-        {**JOURNAL["train"], "global_batch_size": 64, **train},
-        dict(JOURNAL["data"]),
+        dict(JOURNAL_AS_RUN["model"]),
+        {**JOURNAL_AS_RUN["train"], "global_batch_size": 64, **train},
+        dict(JOURNAL_AS_RUN["data"]),
     )
 
 

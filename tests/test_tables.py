@@ -7,11 +7,13 @@ import math
 import random
 import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 
 from evoformer.errors import InputError
+from evoformer.flops.peaks import THROUGHPUT_FIELDS, throughput_fields
 from evoformer.tables import (
     build_tables,
     fmt,
@@ -22,6 +24,8 @@ from evoformer.tables import (
 )
 
 SWEEP = ["n_bins", "ln_order"]
+# a step's FLOP count (the fields throughput_fields reads), as a training's summary holds it
+COST = SimpleNamespace(model_flops_per_sample=3e9, hardware_flops_per_sample=4e9)
 ROOT = Path(__file__).resolve().parents[1]
 
 # validation losses per (n_bins, ln_order) and fold; test metrics deliberately favour another point
@@ -96,6 +100,7 @@ def write_run(
         "total_samples": 48,
         "total_steps": 3,
         "average_speed_samples_per_s": speed,
+        **throughput_fields(COST, speed, 2, None, None),
         "average_batch_time_ms": 1000 / speed,
         "peak_memory_bytes": 123456789,
         "peak_memory_source": "rss",
@@ -207,13 +212,23 @@ def test_metrics_table_content_and_provenance(records: list[dict], tmp_path: Pat
     assert final["val_loss"] == "NA"
     # run-to-run measurements stay out of metrics.tsv and cv_summary.tsv
     text = paths["metrics"].read_text() + paths["cv_summary"].read_text()
-    for word in ("hostname", "node", "speed", "time_ms", "peak_memory"):
+    for word in ("hostname", "node", "speed", "time_ms", "peak_memory", "flops"):
         assert word not in text
     perf = read(paths["performance"])
     assert {"average_speed_samples_per_s", "peak_memory_bytes", "hostname", "world_size"} <= set(
         perf
     )
     assert perf["peak_memory_bytes"].eq("123456789").all()
+    # the efficiency columns right after the speed; no peak on CPU: no utilisation
+    cols = list(perf)
+    at = cols.index("average_speed_samples_per_s")
+    assert cols[at + 1 : at + 1 + len(THROUGHPUT_FIELDS)] == list(THROUGHPUT_FIELDS)
+    assert perf["model_flops_per_sample"].eq("3e+09").all()
+    speed = perf["average_speed_samples_per_s"].astype(float)
+    tflops = perf["model_tflops_per_s"].astype(float)
+    assert (abs(tflops - 3e9 * speed / 1e12) <= 1e-5 * tflops).all()
+    assert perf["model_flops_utilization"].eq("NA").all()
+    assert perf["peak_tflops_per_device"].eq("NA").all()
     assert len(perf) == len(records)
 
 

@@ -156,7 +156,7 @@ def reference(pbmc, tmp_path_factory) -> Path:
     return d / "out"
 
 
-def test_two_process_training_learns_and_reports(reference: Path) -> None:
+def test_two_process_training_learns_and_reports(pbmc, reference: Path) -> None:
     import pandas as pd
 
     m = pd.read_csv(reference / "metrics.tsv", sep="\t")
@@ -172,12 +172,44 @@ def test_two_process_training_learns_and_reports(reference: Path) -> None:
     assert summary["total_samples"] == summary["total_steps"] * TRAIN["global_batch_size"]
     for k in ("average_forward_time_ms", "average_backward_time_ms", "average_optimizer_time_ms"):
         assert summary[k] > 0
+    # efficiency: the model FLOPs of this run's step, counted once; no peak on a CPU
+    cost = expected_cost(reference, pbmc["binned"])
+    assert summary["model_flops_per_sample"] == cost.model_flops_per_sample > 0
+    assert summary["flops"]["hardware_flops"] == cost.hardware_flops
+    speed = summary["average_speed_samples_per_s"]
+    assert summary["model_tflops_per_s"] == pytest.approx(
+        cost.model_flops_per_sample * speed / 1e12
+    )
+    assert summary["peak_tflops_per_device"] is None and summary["model_flops_utilization"] is None
     log = logtext(reference)
+    assert "model FLOPs per sample:" in log
     assert "CPU fallback with gloo, 2 processes" in log
     assert "Step 1/" in log and "| Loss:" in log and "samples/sec" in log
     assert "\r" not in log  # no progress-bar carriage returns in a non-terminal log
     assert (reference / "learning_curve.png").stat().st_size > 0
     assert not (reference.parent / "ckpt" / "last.pt").exists()  # removed after success
+
+
+def expected_cost(out: Path, binned: Path):
+    """``count_step`` of the step a run in ``out`` trained on ``binned`` (CPU, fp32)."""
+    from evoformer.flops.count import count_step
+    from evoformer.memory.spec import StepSpec
+    from evoformer.model import ModelConfig
+
+    summary = json.loads((out / "performance_summary.json").read_text())
+    meta = json.loads((binned / "meta.json").read_text())
+    return count_step(
+        StepSpec(
+            model=ModelConfig.from_dict(summary["config"]["model"]),
+            batch_size=summary["config"]["train"]["micro_batch_size"],
+            seq_len=meta["max_len"],
+            n_genes=meta["n_genes"],
+            n_bins=meta["n_bins"],
+            precision="fp32",
+            device="cpu",
+        ),
+        traffic=False,
+    )
 
 
 def test_rerun_is_bit_identical(pbmc, reference: Path, tmp_path: Path) -> None:
@@ -282,9 +314,13 @@ def test_early_stopping_keeps_the_best_weights(pbmc, tmp_path: Path) -> None:
     """With min_delta huge nothing after the first validation counts as better: training stops
     after `patience` validations and model.pt holds the first validation's weights."""
     out = tmp_path / "out"
-    train = {"epochs": 20, "val_every": 2, "patience": 2, "min_delta": 1e9}
+    # (and a given device peak: the FLOPs utilisation, even on a CPU)
+    train = {"epochs": 20, "val_every": 2, "patience": 2, "min_delta": 1e9, "peak_tflops": 0.5}
     assert run(pbmc, out, tmp_path / "ckpt", train=train) == 0, logtext(out)
     summary = json.loads((out / "performance_summary.json").read_text())
+    assert summary["peak_tflops_per_device"] == 0.5
+    assert summary["peak_tflops_source"] == "train.peak_tflops"
+    assert summary["model_flops_utilization"] == pytest.approx(summary["model_tflops_per_s"] / 1.0)
     assert summary["stopped_early"] and summary["selected_step"] == 2
     assert summary["total_steps"] == 6  # validations at 2 (best), 4, 6 -> stop
     assert summary["selected_weights"] == "best"

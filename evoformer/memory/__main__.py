@@ -30,21 +30,15 @@ from evoformer.memory.preflight import (
     workspace_bytes,
 )
 from evoformer.memory.report import CATEGORIES
-from evoformer.memory.spec import data_shape, spec_from_config
+from evoformer.memory.spec import JOURNAL, data_shape, spec_from_config
 
-#: The journal's run (B=32 per GPU, n_hvg=500, d_model=128, 4 heads, d_z=128, c_opm=32, 8 blocks).
-JOURNAL = {
-    "model": {
-        "preset": "bioformer",
-        "c_m": 128,
-        "n_heads_msa": 4,
-        "c_hidden_msa": 32,
-        "c_z": 128,
-        "c_opm": 32,
-        "n_blocks": 8,
-    },
-    "train": {"micro_batch_size": 32, "precision": "fp32"},
-    "data": {"seq_len": 500, "n_genes": 500, "n_bins": 51},
+#: ``--journal``: the journal's configuration (:data:`evoformer.memory.spec.JOURNAL`) with the
+#: journal's own settings, fp32 without activation checkpointing (``--precision bf16 --ckpt 1``
+#: gives ``configs/journal_a100.yaml``'s step).
+JOURNAL_AS_RUN = {
+    "model": {**JOURNAL["model"], "blocks_per_ckpt": None},
+    "train": {**JOURNAL["train"], "precision": "fp32"},
+    "data": data_shape(**JOURNAL["data"]),
 }
 #: AlphaFold 2's Evoformer (48 blocks, r=256, c_m=256, c_z=128, c_opm=32, 8 MSA heads of 32,
 #: triangle attention 4 heads of 32, triangle multiplication 128), batch 1 per device, S=1.
@@ -102,7 +96,11 @@ def _parser() -> argparse.ArgumentParser:
         help="binned meta.json: the gene count (n_hvg, plus the perturbed genes of a "
         "Perturb-seq dataset) and max_len (when zero genes are dropped)",
     )
-    src.add_argument("--journal", action="store_true", help="the journal's configuration")
+    src.add_argument(
+        "--journal",
+        action="store_true",
+        help="the journal's configuration as the journal ran it (fp32, no checkpointing)",
+    )
     src.add_argument("--af2", action="store_true", help="AlphaFold 2's Evoformer configuration")
     src.add_argument(
         "--journal-table", action="store_true", help="print the journal's table, recomputed"
@@ -164,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _explicit(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     base = (
-        JOURNAL
+        JOURNAL_AS_RUN
         if args.journal
         else AF2
         if args.af2

@@ -5,6 +5,9 @@ micro-batch ``B`` (groups of ``S = n_cells_per_msa`` cells) per device, the gene
 ``L`` (``r = L + 1`` with CLS), the vocabulary ``G``, the bins ``K``, the label classes, the
 precision, the outer-product-mean implementation (``ours`` or the ``naive`` ``[B, r, r, c, c]``
 one), the device whose allocator / kernels are emulated, and the process count (DDP buckets).
+:func:`build_model` and :func:`fake_batch` give the step's model and a batch of its shapes (for
+``FakeTensorMode``: the traced memory estimate and :mod:`evoformer.flops`). :data:`JOURNAL` is
+the journal's configuration, spelled once.
 """
 
 from __future__ import annotations
@@ -16,9 +19,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evoformer.errors import InputError
-from evoformer.model import ModelConfig
+import torch
+from torch import nn
 
+from evoformer.errors import InputError
+from evoformer.memory.naive import use_naive_opm
+from evoformer.model import BioFormer, ModelConfig
+
+#: The research journal's scale (its seeds/000 run) as this project trains it: BioFormer, 500 HVGs
+#: (every gene a token: r = 501), c_m 128, 4 MSA heads of 32, c_z 128, c_opm 32, 8 blocks, pre-LN,
+#: one activation checkpoint per block, micro-batch 32 per GPU, bf16 autocast, 51 bins. Spelled
+#: here only: ``configs/journal_a100.yaml`` holds the same (``tests/test_config.py`` checks it),
+#: the GPU check (``benchmarks/gpu_check``) runs it and the memory CLI's ``--journal`` starts from
+#: it (with the journal's own fp32 without checkpointing). Copy before changing.
+JOURNAL: dict[str, dict[str, Any]] = {
+    "model": {
+        "preset": "bioformer",
+        "c_m": 128,
+        "n_heads_msa": 4,
+        "c_hidden_msa": 32,
+        "c_z": 128,
+        "c_opm": 32,
+        "n_blocks": 8,
+        "ln_order": "pre",
+        "blocks_per_ckpt": 1,
+    },
+    "train": {"micro_batch_size": 32, "precision": "bf16"},
+    "data": {"n_hvg": 500, "n_bins": 51},
+}
 PRECISIONS = ("fp32", "bf16")
 OPM_KINDS = ("ours", "naive")
 DEVICE_KINDS = ("cuda", "cpu")
@@ -139,6 +167,37 @@ class StepSpec:
             f"{m.preset} B={self.batch_size} S={self.S} r={self.r} c_m={m.c_m} c_z={m.c_z} "
             f"c_opm={m.c_opm} blocks={m.n_blocks} {self.precision} opm={self.opm} {ck} {ch}"
         )
+
+
+def fake_batch(spec: StepSpec) -> dict[str, torch.Tensor]:
+    """A batch of the trainer's shapes (call under FakeTensorMode): all tokens real, 15% masked."""
+    b, s, length = spec.batch_size, spec.S, spec.seq_len
+    gene_ids = torch.randint(0, spec.n_genes, (b, s, length))
+    target = torch.randint(0, spec.n_bins, (b, s, length))
+    pad_mask = torch.ones(b, s, length, dtype=torch.bool)
+    loss_mask = torch.rand(b, s, length) < 0.15
+    values = target.masked_fill(loss_mask, spec.n_bins)
+    batch = {
+        "gene_ids": gene_ids,
+        "values": values,
+        "pad_mask": pad_mask,
+        "target": target,
+        "loss_mask": loss_mask,
+    }
+    if spec.n_labels > 0:
+        batch["labels"] = torch.randint(0, spec.n_labels, (b, s))
+    return batch
+
+
+def build_model(spec: StepSpec) -> nn.Module:
+    """BioFormer for ``spec`` (naive OPM swapped in when ``spec.opm == 'naive'``)."""
+    prior = torch.zeros(spec.n_genes, spec.n_genes) if spec.prior else None
+    model = BioFormer(
+        spec.model, n_genes=spec.n_genes, n_bins=spec.n_bins, n_labels=spec.n_labels, prior=prior
+    )
+    if spec.opm == "naive":
+        use_naive_opm(model)
+    return model
 
 
 def _accumulation(train_cfg: dict[str, Any], micro: int, world: int) -> int:

@@ -35,9 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from evoformer.memory.emulation import cuda_emulation
-from evoformer.memory.naive import use_naive_opm
-from evoformer.memory.spec import StepSpec
-from evoformer.model import BioFormer
+from evoformer.memory.spec import StepSpec, build_model, fake_batch
 
 #: MemTracker category names -> ours.
 CATEGORIES = {
@@ -119,37 +117,6 @@ class _PhaseTracker(MemTracker):
                     self.peak_phase = "backward"
                 else:
                     self.peak_phase = "forward"
-
-
-def fake_batch(spec: StepSpec) -> dict[str, torch.Tensor]:
-    """A batch of the trainer's shapes (call under FakeTensorMode): all tokens real, 15% masked."""
-    b, s, length = spec.batch_size, spec.S, spec.seq_len
-    gene_ids = torch.randint(0, spec.n_genes, (b, s, length))
-    target = torch.randint(0, spec.n_bins, (b, s, length))
-    pad_mask = torch.ones(b, s, length, dtype=torch.bool)
-    loss_mask = torch.rand(b, s, length) < 0.15
-    values = target.masked_fill(loss_mask, spec.n_bins)
-    batch = {
-        "gene_ids": gene_ids,
-        "values": values,
-        "pad_mask": pad_mask,
-        "target": target,
-        "loss_mask": loss_mask,
-    }
-    if spec.n_labels > 0:
-        batch["labels"] = torch.randint(0, spec.n_labels, (b, s))
-    return batch
-
-
-def build_model(spec: StepSpec) -> nn.Module:
-    """BioFormer for ``spec`` (naive OPM swapped in when ``spec.opm == 'naive'``)."""
-    prior = torch.zeros(spec.n_genes, spec.n_genes) if spec.prior else None
-    model = BioFormer(
-        spec.model, n_genes=spec.n_genes, n_bins=spec.n_bins, n_labels=spec.n_labels, prior=prior
-    )
-    if spec.opm == "naive":
-        use_naive_opm(model)
-    return model
 
 
 def make_optimizer(model: nn.Module, spec: StepSpec) -> torch.optim.Optimizer:
