@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 ENV = "EVOFORMER_TEST_NAN"
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +64,8 @@ def poisoned_loss_terms(
 
     def loss_terms(self: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         loss, metrics = orig(self, batch)
+        if isinstance(loss, FakeTensor):  # the trainer's FLOP count at start: not a step
+            return loss, metrics
         step = calls[0] // accum + 1
         calls[0] += 1
         hit = step in steps or (from_step is not None and step >= from_step)
