@@ -28,6 +28,7 @@ check_config()
 
 
 include: "rules/preprocess.smk"
+include: "rules/priors.smk"
 
 
 setup_experiments()

@@ -18,6 +18,7 @@ from typing import Any
 
 from evoformer.errors import InputError
 from evoformer.model import ModelConfig
+from evoformer.model.prior import PRIOR_MODES
 
 PRECISIONS = ("fp32", "bf16")
 OPM_KINDS = ("ours", "naive")
@@ -48,6 +49,8 @@ class StepSpec:
         lr, weight_decay, grad_clip: optimizer settings (they do not change memory; kept so the
             traced step is the trainer's step).
         prior: whether a ``[G, G]`` prior network buffer is attached.
+        prior_mode: how it enters the model (``init``, ``bias``, ``both``; see
+            :mod:`evoformer.model.prior`); ignored without a prior.
     """
 
     model: ModelConfig
@@ -65,6 +68,7 @@ class StepSpec:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     prior: bool = False
+    prior_mode: str = "init"
 
     def __post_init__(self) -> None:
         for key in (
@@ -92,6 +96,7 @@ class StepSpec:
             ("precision", PRECISIONS),
             ("opm", OPM_KINDS),
             ("device", DEVICE_KINDS),
+            ("prior_mode", PRIOR_MODES),
         ):
             if getattr(self, key) not in allowed:
                 raise InputError(
@@ -175,7 +180,7 @@ def spec_from_config(
         train_cfg: ``experiment.train``; uses ``micro_batch_size``, ``precision``, ``lr``,
             ``weight_decay``, ``grad_clip`` and ``label_head`` (other keys are ignored here).
         data_shape: ``seq_len`` (``L``) and ``n_genes`` (``G``), ``n_bins`` (``K``),
-            optional ``n_labels`` and ``prior`` (bool); see :func:`data_shape`.
+            optional ``n_labels``, ``prior`` (bool) and ``prior_mode``; see :func:`data_shape`.
         n_gpus: processes the job runs (DDP world size).
         device: ``cuda`` or ``cpu``.
         opm: ``ours`` or ``naive``.
@@ -209,6 +214,7 @@ def spec_from_config(
         weight_decay=float(train_cfg.get("weight_decay", 0.01)),
         grad_clip=float(train_cfg.get("grad_clip", 1.0)),
         prior=bool(data_shape.get("prior", False)),
+        prior_mode=str(data_shape.get("prior_mode", "init")),
     )
 
 
@@ -219,6 +225,7 @@ def data_shape(
     max_len: int | None = None,
     n_labels: int = 0,
     prior: bool = False,
+    prior_mode: str = "init",
 ) -> dict[str, Any]:
     """Data shape from the experiment: ``L = n_hvg`` with zero genes, else the binned ``max_len``.
 
@@ -232,6 +239,8 @@ def data_shape(
             dropped (``None`` falls back to ``n_hvg``, the upper bound).
         n_labels: cell-label classes (used when ``train.label_head`` is on).
         prior: a prior gene-gene network is attached.
+        prior_mode: how it enters the model (``experiment.prior.mode``; a key only with a
+            prior).
     """
     seq_len = n_hvg if include_zero_genes or max_len is None else int(max_len)
     return {
@@ -240,11 +249,12 @@ def data_shape(
         "n_bins": int(n_bins),
         "n_labels": int(n_labels),
         "prior": bool(prior),
+        **({"prior_mode": str(prior_mode)} if prior else {}),
     }
 
 
 def data_shape_from_meta(
-    meta: dict[str, Any], n_labels: int = 0, prior: bool = False
+    meta: dict[str, Any], n_labels: int = 0, prior: bool = False, prior_mode: str = "init"
 ) -> dict[str, Any]:
     """Data shape from the binned data's ``meta.json`` (``max_len``, ``n_genes``, ``n_bins``)."""
     for key in ("max_len", "n_genes", "n_bins"):
@@ -256,6 +266,7 @@ def data_shape_from_meta(
         "n_bins": int(meta["n_bins"]),
         "n_labels": int(n_labels),
         "prior": bool(prior),
+        **({"prior_mode": str(prior_mode)} if prior else {}),
     }
 
 
@@ -266,6 +277,7 @@ def resolve_data_shape(
     binned_meta: str | os.PathLike | None = None,
     n_labels: int = 0,
     prior: bool = False,
+    prior_mode: str = "init",
 ) -> dict[str, Any]:
     """Data shape of an experiment: from the binned ``meta.json`` when given (exact ``max_len``
     and gene count), else from the config (``L = G = n_hvg``: exact with zero genes, an upper
@@ -276,8 +288,16 @@ def resolve_data_shape(
             meta = json.loads(Path(binned_meta).read_text())
         except json.JSONDecodeError as exc:
             raise InputError(f"{binned_meta}: not valid JSON ({exc})") from exc
-        return data_shape_from_meta(meta, n_labels=n_labels, prior=prior)
-    return data_shape(n_hvg, n_bins, include_zero_genes, None, n_labels=n_labels, prior=prior)
+        return data_shape_from_meta(meta, n_labels=n_labels, prior=prior, prior_mode=prior_mode)
+    return data_shape(
+        n_hvg,
+        n_bins,
+        include_zero_genes,
+        None,
+        n_labels=n_labels,
+        prior=prior,
+        prior_mode=prior_mode,
+    )
 
 
 def label_classes(cells_tsv: str | os.PathLike) -> int:

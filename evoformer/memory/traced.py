@@ -145,7 +145,12 @@ def build_model(spec: StepSpec) -> nn.Module:
     """BioFormer for ``spec`` (naive OPM swapped in when ``spec.opm == 'naive'``)."""
     prior = torch.zeros(spec.n_genes, spec.n_genes) if spec.prior else None
     model = BioFormer(
-        spec.model, n_genes=spec.n_genes, n_bins=spec.n_bins, n_labels=spec.n_labels, prior=prior
+        spec.model,
+        n_genes=spec.n_genes,
+        n_bins=spec.n_bins,
+        n_labels=spec.n_labels,
+        prior=prior,
+        prior_mode=spec.prior_mode,
     )
     if spec.opm == "naive":
         use_naive_opm(model)
