@@ -28,6 +28,7 @@ check_config()
 
 
 include: "rules/preprocess.smk"
+include: "rules/priors.smk"
 
 
 # The masked-expression experiment: grid, pre-flight, training, evaluation, tables.

@@ -61,6 +61,7 @@ from evoformer.metrics import (
     bootstrap,
 )
 from evoformer.model import BioFormer, ModelConfig, fixed_mask, load_prior_network
+from evoformer.model.prior import prior_mode_of_state
 from evoformer.train import CellBatches, label_codes, select_rows
 from evoformer.typed import from_plain
 
@@ -294,7 +295,8 @@ def load_model(
     """Rebuild the BioFormer of a ``model.pt`` written by ``evoformer.train``; (model, the dict).
 
     The prior network (if the model used one) is read from ``prior`` when given, else taken from
-    the saved weights (it is a buffer of the model).
+    the saved weights (it is a buffer of the model); how it enters the model (``init``, ``bias``,
+    ``both``) is read from which prior parameters the weights hold.
     """
     model_path = Path(model_path)
     if not model_path.is_file():
@@ -322,6 +324,7 @@ def load_model(
         n_bins=int(d["n_bins"]),
         n_labels=int(d.get("n_labels", 0)),
         prior=prior_t,
+        prior_mode=prior_mode_of_state(state) or "init",
     )
     try:
         model.load_state_dict(state)

@@ -40,6 +40,7 @@ import pandas as pd
 
 from evoformer.errors import InputError
 from evoformer.model import ModelConfig
+from evoformer.priors import prior_run_config
 from evoformer.train_config import BIN_SPACE_METRICS, VALIDATION_METRICS, RunSpec, TrainConfig
 
 #: Keys that choose the preprocessing variant; always columns of the grid.
@@ -129,7 +130,7 @@ def run_spec(
             "train": train,
             "fold": fold if isinstance(fold, int) else -1,
             "final": fold == "final",
-            "prior": exp.get("prior"),
+            "prior": prior_run_config(exp.get("prior")),
             "val_mask_ratio": evaluation.get("mask_ratio", 0.15),
             "final_epochs": final_epochs if fold == "final" else None,
         }

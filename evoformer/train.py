@@ -633,6 +633,7 @@ class Trainer:
             n_bins=self.n_bins,
             n_labels=self.n_labels,
             prior=prior,
+            prior_mode=spec.prior.mode if spec.prior is not None else "init",
         )
         self.raw_model.to(self.device)
         # DDP only synchronises gradients of computations run through its forward, so the loss

@@ -14,6 +14,7 @@ from typing import Any
 from evoformer.errors import InputError
 from evoformer.metrics import LOWER_IS_BETTER
 from evoformer.model import ModelConfig
+from evoformer.model.prior import check_prior_mode
 from evoformer.typed import from_plain
 
 #: Validation metrics computed during training (``val_`` + name); ``val_loss`` and
@@ -184,19 +185,25 @@ UNSET_OMITTED = ("peak_tflops",)
 
 @dataclass
 class PriorConfig:
-    """A prior gene-gene network (TSV: source, target[, weight, sign]) added to ``z``.
+    """The prior gene-gene network a training reads (TSV: source, target[, weight, sign]).
 
+    ``path``: the file (``experiment.prior.path``, or the file the ``prior`` rule builds from
+    ``experiment.prior.source``; :func:`evoformer.priors.prior_run_config`).
     ``min_gene_share``: the share of the network's genes that must be among the HVGs; fewer stops
     the run (a network of other gene names, e.g. Ensembl ids against symbols, would otherwise
     silently become an all-zero matrix).
+    ``mode``: how it enters the model (:data:`evoformer.model.prior.PRIOR_MODES`): ``init``
+    (projected into the initial ``z``), ``bias`` (a bias of every row attention) or ``both``.
     """
 
     path: str
     min_gene_share: float = 0.1
+    mode: str = "init"
 
     def __post_init__(self) -> None:
         if not self.path:
             raise InputError("config key 'experiment.prior.path' must be a file path")
+        check_prior_mode(self.mode)
         if not 0.0 <= self.min_gene_share <= 1.0:
             raise InputError(
                 f"config key 'experiment.prior.min_gene_share' must be in [0, 1], got "

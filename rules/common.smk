@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jsonschema
 
+from evoformer import priors
 from evoformer.data import resources as data_resources
 from evoformer.data.arrays import BINNED_FILES
 from evoformer.data.planted import resolve_planted_params
@@ -399,9 +400,20 @@ def train_spec(wildcards):
 
 
 def prior_input(wildcards):
-    """The prior network file (an input of training and evaluation when configured)."""
-    prior = config["experiment"].get("prior")
+    """The prior network file (an input of training and evaluation when configured): the
+    given path, or the file the prior rule builds from the configured source."""
+    prior = priors.prior_run_config(config["experiment"].get("prior"))
     return [prior["path"]] if prior else []
+
+
+def prior_source_config(name):
+    """The settings of the source prior resources/priors/<name>.tsv (the prior rule's params)."""
+    source = priors.prior_source(config["experiment"].get("prior"))
+    if source is None or source[0] != name:
+        raise WorkflowError(
+            f"{priors.prior_file(name)}: not the prior network experiment.prior builds"
+        )
+    return canonical(source[1].to_dict())
 
 
 def run_dir(point, fold):
@@ -482,6 +494,8 @@ def preflight_params(wildcards):
             "n_bins": int(wildcards.n_bins),
             "include_zero_genes": bool(config["binning"]["include_zero_genes"]),
             "prior": spec["prior"] is not None,
+            # only with a prior: the params (and the pre-flight) of other runs stay as they were
+            **({"prior_mode": spec["prior"]["mode"]} if spec["prior"] else {}),
             **config["memory"],
         }
     )

@@ -1,7 +1,9 @@
 """Workflow hygiene: snakemake --lint, snakefmt, every rule's log/benchmark/conda, conda envs.
 
 The env check follows each rule's ``script:`` through the evoformer modules it imports
-and asserts that the rule's ``conda:`` environment provides every third-party import.
+and asserts that the rule's ``conda:`` environment provides every third-party import, except
+optional ones: an import inside a ``try:`` whose handler catches ImportError (the code works
+without it, e.g. the ``omnipath`` client of the prior rule).
 """
 
 from __future__ import annotations
@@ -114,6 +116,29 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+def _optional_imports(tree: ast.AST) -> set[int]:
+    """ids of the import nodes in the bodies of ``try`` blocks that catch ImportError."""
+    ids: set[int] = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Try):
+            continue
+        caught = {
+            name.id
+            for h in node.handlers
+            if h.type is not None
+            for name in ast.walk(h.type)
+            if isinstance(name, ast.Name)
+        }
+        if caught & {"ImportError", "ModuleNotFoundError"}:
+            ids |= {
+                id(n)
+                for stmt in node.body
+                for n in ast.walk(stmt)
+                if isinstance(n, ast.Import | ast.ImportFrom)
+            }
+    return ids
+
+
 def _third_party_imports(script: Path) -> set[str]:
     """Top-level third-party modules imported by ``script`` and the evoformer modules it uses."""
     found: set[str] = set()
@@ -124,7 +149,11 @@ def _third_party_imports(script: Path) -> set[str]:
         if path in seen:
             continue
         seen.add(path)
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        optional = _optional_imports(tree)
+        for node in ast.walk(tree):
+            if id(node) in optional:
+                continue
             if isinstance(node, ast.Import):
                 modules = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:

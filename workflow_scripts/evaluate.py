@@ -39,7 +39,8 @@ def main() -> None:
         eval_params.update(fold=-1, final=True)
     else:
         eval_params["fold"] = -1 if fold in (None, "holdout") else int(fold)
-    prior = inp.prior if "prior" in inp.keys() and inp.prior else None
+    # an input function's list: str() of the one file (a Namedlist is no path)
+    prior = str(inp.prior) if "prior" in inp.keys() and inp.prior else None
     network = inp.network if "network" in inp.keys() and inp.network else None
     evaluate(
         inp.model,

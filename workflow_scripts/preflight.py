@@ -6,8 +6,8 @@ input:  meta  - the binned data's meta.json (exact sequence length without zero 
         cells - the binned data's cells.tsv (label classes, when train.label_head is on)
 output: json  - results/{dataset}/exp/{grid point}/preflight.json
 params: preflight - model, train (the experiment's dicts), n_hvg, n_bins,
-        include_zero_genes, prior (bool), and the config's memory section: gpu_mem_gib,
-        n_gpus, safety_margin, workspace_mib, auto_micro_batch
+        include_zero_genes, prior (bool), prior_mode (with a prior), and the config's memory
+        section: gpu_mem_gib, n_gpus, safety_margin, workspace_mib, auto_micro_batch
 """
 
 import sys
@@ -35,6 +35,7 @@ def main() -> None:
             snakemake.input.meta,
             label_classes(snakemake.input.cells) if label_head else 0,
             bool(p["prior"]),
+            str(p.get("prior_mode", "init")),
         ),
         gpu_mem_gib=float(p["gpu_mem_gib"]),
         n_gpus=int(p["n_gpus"]),

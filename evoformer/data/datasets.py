@@ -836,6 +836,14 @@ def materialise_pbmc68k(out: str | os.PathLike) -> None:
     log.info("wrote %s: %d cells x %d genes (raw)", out, adata.n_obs, adata.raw.n_vars)
 
 
+def pbmc68k_genes() -> list[str]:
+    """The 765 gene symbols of the bundled PBMC data (``pbmc68k_reduced``'s ``.raw``, the
+    expression the pipeline reads), in file order."""
+    import scanpy as sc
+
+    return [str(g) for g in sc.datasets.pbmc68k_reduced().raw.var_names]
+
+
 def make_synthetic(
     n_cells: int = 2000,
     n_genes: int = 1000,

@@ -221,6 +221,7 @@ def _from_config(
             include_zero,
             max_len,
             prior=bool(s.get("prior")),
+            prior_mode=(s.get("prior") or {}).get("mode", "init"),
         )
         name = "/".join(f"{k}~{v}" for k, v in point.items())
         out.append((name, s["model"], s["train"], shape))

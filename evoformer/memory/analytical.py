@@ -126,6 +126,24 @@ def _attention(c_in: int, d: int, h: int) -> int:
     return 3 * _linear(c_in, h * d, False) + _linear(c_in, h * d) + _linear(h * d, c_in)
 
 
+def _prior_parameters(spec: StepSpec) -> int:
+    """The prior's weights: ``init`` its projection into ``z`` (``Linear(2, c_z)``), ``bias``
+    4 weights per row-attention head (:class:`evoformer.model.prior.PriorAttentionBias`)."""
+    if not spec.prior:
+        return 0
+    init = _linear(2, spec.model.c_z) if spec.prior_mode in ("init", "both") else 0
+    return init + (4 * spec.model.n_heads_msa if spec.prior_mode in ("bias", "both") else 0)
+
+
+def _prior_tensors(spec: StepSpec) -> int:
+    """Parameter tensors of the prior: weight and bias of ``init``, one weight of ``bias``."""
+    if not spec.prior:
+        return 0
+    return (2 if spec.prior_mode in ("init", "both") else 0) + (
+        1 if spec.prior_mode in ("bias", "both") else 0
+    )
+
+
 def parameter_counts(spec: StepSpec) -> dict[str, int]:
     """Trainable parameters per component, closed form (keys as ``count_parameters``).
 
@@ -142,9 +160,7 @@ def parameter_counts(spec: StepSpec) -> dict[str, int]:
         value_enc = _linear(1, cm) + _linear(cm, cm) + _ln(cm) + cm
     counts = {
         "embeddings": spec.n_genes * cm + cm + value_enc + _ln(cm),
-        "pair_init": (2 * _linear(cm, cz) + (_linear(2, cz) if spec.prior else 0))
-        if m.uses_pair
-        else 0,
+        "pair_init": (2 * _linear(cm, cz) + _prior_parameters(spec)) if m.uses_pair else 0,
         "msa_row_attention": nb
         * (
             _ln(cm)
@@ -770,7 +786,7 @@ def _n_param_tensors(spec: StepSpec) -> int:
     """Parameter tensors (AdamW keeps one step counter per tensor)."""
     m = spec.model
     att = 5 + 2  # q, k, v weights; gate weight + bias; output weight + bias
-    pair_init = (4 + (2 if spec.prior else 0)) if m.uses_pair else 0
+    pair_init = (4 + _prior_tensors(spec)) if m.uses_pair else 0
     n = 1 + 1 + (1 if m.value_encoder == "embedding" else 7) + 2 + pair_init
     row = 2 + att + (2 + 1 if m.uses_pair else 0)
     per_block = row + (2 + att if m.column_attention else 0) + (2 + 4)

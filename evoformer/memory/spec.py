@@ -25,6 +25,7 @@ from torch import nn
 from evoformer.errors import InputError
 from evoformer.memory.naive import use_naive_opm
 from evoformer.model import BioFormer, ModelConfig
+from evoformer.model.prior import PRIOR_MODES
 
 #: The research journal's scale (its seeds/000 run) as this project trains it: BioFormer, 500 HVGs
 #: (every gene a token: r = 501), c_m 128, 4 MSA heads of 32, c_z 128, c_opm 32, 8 blocks, pre-LN,
@@ -76,6 +77,8 @@ class StepSpec:
         lr, weight_decay, grad_clip: optimizer settings (they do not change memory; kept so the
             traced step is the trainer's step).
         prior: whether a ``[G, G]`` prior network buffer is attached.
+        prior_mode: how it enters the model (``init``, ``bias``, ``both``; see
+            :mod:`evoformer.model.prior`); ignored without a prior.
     """
 
     model: ModelConfig
@@ -93,6 +96,7 @@ class StepSpec:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     prior: bool = False
+    prior_mode: str = "init"
 
     def __post_init__(self) -> None:
         for key in (
@@ -120,6 +124,7 @@ class StepSpec:
             ("precision", PRECISIONS),
             ("opm", OPM_KINDS),
             ("device", DEVICE_KINDS),
+            ("prior_mode", PRIOR_MODES),
         ):
             if getattr(self, key) not in allowed:
                 raise InputError(
@@ -193,7 +198,12 @@ def build_model(spec: StepSpec) -> nn.Module:
     """BioFormer for ``spec`` (naive OPM swapped in when ``spec.opm == 'naive'``)."""
     prior = torch.zeros(spec.n_genes, spec.n_genes) if spec.prior else None
     model = BioFormer(
-        spec.model, n_genes=spec.n_genes, n_bins=spec.n_bins, n_labels=spec.n_labels, prior=prior
+        spec.model,
+        n_genes=spec.n_genes,
+        n_bins=spec.n_bins,
+        n_labels=spec.n_labels,
+        prior=prior,
+        prior_mode=spec.prior_mode,
     )
     if spec.opm == "naive":
         use_naive_opm(model)
@@ -234,7 +244,7 @@ def spec_from_config(
         train_cfg: ``experiment.train``; uses ``micro_batch_size``, ``precision``, ``lr``,
             ``weight_decay``, ``grad_clip`` and ``label_head`` (other keys are ignored here).
         data_shape: ``seq_len`` (``L``) and ``n_genes`` (``G``), ``n_bins`` (``K``),
-            optional ``n_labels`` and ``prior`` (bool); see :func:`data_shape`.
+            optional ``n_labels``, ``prior`` (bool) and ``prior_mode``; see :func:`data_shape`.
         n_gpus: processes the job runs (DDP world size).
         device: ``cuda`` or ``cpu``.
         opm: ``ours`` or ``naive``.
@@ -268,6 +278,7 @@ def spec_from_config(
         weight_decay=float(train_cfg.get("weight_decay", 0.01)),
         grad_clip=float(train_cfg.get("grad_clip", 1.0)),
         prior=bool(data_shape.get("prior", False)),
+        prior_mode=str(data_shape.get("prior_mode", "init")),
     )
 
 
@@ -278,6 +289,7 @@ def data_shape(
     max_len: int | None = None,
     n_labels: int = 0,
     prior: bool = False,
+    prior_mode: str = "init",
 ) -> dict[str, Any]:
     """Data shape from the experiment: ``L = n_hvg`` with zero genes, else the binned ``max_len``.
 
@@ -291,6 +303,8 @@ def data_shape(
             dropped (``None`` falls back to ``n_hvg``, the upper bound).
         n_labels: cell-label classes (used when ``train.label_head`` is on).
         prior: a prior gene-gene network is attached.
+        prior_mode: how it enters the model (``experiment.prior.mode``; a key only with a
+            prior).
     """
     seq_len = n_hvg if include_zero_genes or max_len is None else int(max_len)
     return {
@@ -299,11 +313,12 @@ def data_shape(
         "n_bins": int(n_bins),
         "n_labels": int(n_labels),
         "prior": bool(prior),
+        **({"prior_mode": str(prior_mode)} if prior else {}),
     }
 
 
 def data_shape_from_meta(
-    meta: dict[str, Any], n_labels: int = 0, prior: bool = False
+    meta: dict[str, Any], n_labels: int = 0, prior: bool = False, prior_mode: str = "init"
 ) -> dict[str, Any]:
     """Data shape from the binned data's ``meta.json`` (``max_len``, ``n_genes``, ``n_bins``)."""
     for key in ("max_len", "n_genes", "n_bins"):
@@ -315,6 +330,7 @@ def data_shape_from_meta(
         "n_bins": int(meta["n_bins"]),
         "n_labels": int(n_labels),
         "prior": bool(prior),
+        **({"prior_mode": str(prior_mode)} if prior else {}),
     }
 
 
@@ -325,6 +341,7 @@ def resolve_data_shape(
     binned_meta: str | os.PathLike | None = None,
     n_labels: int = 0,
     prior: bool = False,
+    prior_mode: str = "init",
 ) -> dict[str, Any]:
     """Data shape of an experiment: from the binned ``meta.json`` when given (exact ``max_len``
     and gene count), else from the config (``L = G = n_hvg``: exact with zero genes, an upper
@@ -335,8 +352,16 @@ def resolve_data_shape(
             meta = json.loads(Path(binned_meta).read_text())
         except json.JSONDecodeError as exc:
             raise InputError(f"{binned_meta}: not valid JSON ({exc})") from exc
-        return data_shape_from_meta(meta, n_labels=n_labels, prior=prior)
-    return data_shape(n_hvg, n_bins, include_zero_genes, None, n_labels=n_labels, prior=prior)
+        return data_shape_from_meta(meta, n_labels=n_labels, prior=prior, prior_mode=prior_mode)
+    return data_shape(
+        n_hvg,
+        n_bins,
+        include_zero_genes,
+        None,
+        n_labels=n_labels,
+        prior=prior,
+        prior_mode=prior_mode,
+    )
 
 
 def label_classes(cells_tsv: str | os.PathLike) -> int:

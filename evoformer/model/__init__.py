@@ -7,7 +7,8 @@ Public API::
     apply_value_mask       masking.py     choose masked positions for the value loss
     fixed_mask             masking.py     the held-out (validation / test) mask
     count_parameters       bioformer.py   parameters per component
-    load_prior_network     prior.py       gene-gene prior network TSV -> [G, G]
+    load_prior_network     prior.py       gene-gene prior network TSV -> [G, G]; how it enters
+                                          the model (PRIOR_MODES: init, bias, both)
 
 Operations: msa_row_attention, msa_column_attention, transitions, outer_product_mean,
 triangle_multiplication, triangle_attention (evoformer.py: EvoformerBlock, EvoformerStack).

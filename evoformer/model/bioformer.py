@@ -6,10 +6,12 @@ expression bins. The model prepends a CLS token (``r = L + 1``) and builds
 * the MSA ``m [B, S, r, c_m]``: LayerNorm(gene identity embedding + value embedding), CLS = a
   learned vector; ``S`` cells form one "MSA" (``S = 1`` by default: every cell is its own MSA);
 * the pair representation ``z [B, r, r, c_z]``: outer sum of projections of the gene identity
-  embeddings (AF2's ``z_ij = a_i + b_j``), plus optionally a prior gene-gene network
-  (``prior[g_i, g_j]`` through a learned projection). ``z`` is indexed by the gene tokens of the
-  first cell of each group (with ``S > 1`` the cells of a group should share their gene order,
-  i.e. ``include_zero_genes: true``);
+  embeddings (AF2's ``z_ij = a_i + b_j``). ``z`` is indexed by the gene tokens of the first cell
+  of each group (with ``S > 1`` the cells of a group should share their gene order, i.e.
+  ``include_zero_genes: true``);
+* optionally a prior gene-gene network ``prior [G, G]``, entering (``prior_mode``) through a
+  learned projection added to the initial ``z`` (``init``), as a per-head bias of every row
+  attention (``bias``), or both (see :mod:`evoformer.model.prior`);
 
 runs the Evoformer stack, and predicts the masked bins from ``m`` (and a cell label from CLS).
 Preset ``none`` builds no ``z`` (and no prior): a plain transformer over the gene tokens.
@@ -31,6 +33,7 @@ from torch import nn
 from evoformer.model.config import ModelConfig
 from evoformer.model.evoformer import EvoformerStack
 from evoformer.model.primitives import LayerNorm, Linear
+from evoformer.model.prior import PRIOR_MODES, PriorAttentionBias, prior_pairs
 
 
 class ContinuousValueEncoder(nn.Module):
@@ -65,6 +68,9 @@ class BioFormer(nn.Module):
         n_bins: ``K``, number of expression bins (values ``0..K-1``; ``K`` is the MASK token).
         n_labels: classes of the cell-label head on CLS (0 = no head).
         prior: optional float ``[G, G]`` prior gene-gene network (see ``load_prior_network``).
+        prior_mode: how the prior enters, one of ``PRIOR_MODES`` (``init``: projected into the
+            initial ``z``; ``bias``: a per-head bias of every row attention; ``both``); ignored
+            without a prior.
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class BioFormer(nn.Module):
         n_bins: int,
         n_labels: int = 0,
         prior: torch.Tensor | None = None,
+        prior_mode: str = "init",
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -98,15 +105,23 @@ class BioFormer(nn.Module):
             self.pair_left = self.pair_right = None
         if prior is not None and not cfg.uses_pair:
             raise ValueError("a prior network enters the pair representation: preset none has none")
+        self.prior_proj: Linear | None = None
+        self.prior_bias: PriorAttentionBias | None = None
+        self.prior_mode: str | None = None
         if prior is not None:
             if tuple(prior.shape) != (n_genes, n_genes):
                 raise ValueError(f"prior must be [{n_genes}, {n_genes}], got {list(prior.shape)}")
+            if prior_mode not in PRIOR_MODES:
+                raise ValueError(f"prior_mode must be one of {PRIOR_MODES}, got {prior_mode!r}")
             self.register_buffer("prior", prior.detach().to(torch.float32).clone())
-            # features per pair: the edge value and an edge-present indicator
-            self.prior_proj: Linear | None = Linear(2, c_z)
+            self.prior_mode = prior_mode
+            if prior_mode in ("init", "both"):
+                # features per pair: the edge value and an edge-present indicator
+                self.prior_proj = Linear(2, c_z)
+            if prior_mode in ("bias", "both"):
+                self.prior_bias = PriorAttentionBias(cfg.n_heads_msa)
         else:
             self.prior = None
-            self.prior_proj = None
 
         # The heads read only the MSA: the last block's pair updates would have no consumer.
         self.stack = EvoformerStack(cfg, final_pair_update=False)
@@ -147,12 +162,23 @@ class BioFormer(nn.Module):
         e = torch.cat([cls[:, 0], gene[:, 0]], dim=-2)  # [B, r, c_m]
         z = self.pair_left(e)[:, :, None, :] + self.pair_right(e)[:, None, :, :]
         if self.prior is not None and self.prior_proj is not None:
-            ids = gene_ids[:, 0]  # [B, L]
-            p = self.prior[ids[:, :, None], ids[:, None, :]]  # [B, L, L]
-            p = F.pad(p, (1, 0, 1, 0))  # CLS row / column: no edges -> [B, r, r]
+            p = prior_pairs(self.prior, gene_ids[:, 0])  # [B, r, r]
             feats = torch.stack([p, (p != 0).to(p.dtype)], dim=-1)
             z = z + self.prior_proj(feats).to(z.dtype)
         return m, z, msa_mask, pair_mask
+
+    def prior_attention_bias(self, gene_ids: torch.Tensor) -> torch.Tensor | None:
+        """The prior's bias of the row attention logits (mode ``bias``/``both``; else None).
+
+        Args:
+            gene_ids: ``[B, S, L]`` long (the first cell of each group gives the gene order).
+
+        Returns:
+            ``[B, 1, H, r, r]``, added to every block's row attention logits.
+        """
+        if self.prior is None or self.prior_bias is None:
+            return None
+        return self.prior_bias(prior_pairs(self.prior, gene_ids[:, 0]))
 
     def forward(
         self, gene_ids: torch.Tensor, values: torch.Tensor, pad_mask: torch.Tensor
@@ -170,12 +196,14 @@ class BioFormer(nn.Module):
             ``none``).
         """
         m, z, msa_mask, pair_mask = self.embed(gene_ids, values, pad_mask)
+        attn_bias = self.prior_attention_bias(gene_ids)
         dev = m.device.type
         if torch.is_autocast_enabled(dev):
             dt = torch.get_autocast_dtype(dev)
             m = m.to(dt)
             z = z.to(dt) if z is not None else None
-        m, z = self.stack(m, z, msa_mask, pair_mask)
+            attn_bias = attn_bias.to(dt) if attn_bias is not None else None
+        m, z = self.stack(m, z, msa_mask, pair_mask, attn_bias)
         m = self.final_layer_norm(m)
 
         genes = m[:, :, 1:]  # [B, S, L, c_m]
@@ -318,6 +346,7 @@ _TOP = {
     "pair_left": "pair_init",
     "pair_right": "pair_init",
     "prior_proj": "pair_init",
+    "prior_bias": "pair_init",
     "final_layer_norm": "heads",
     "value_head": "heads",
     "label_head": "heads",
@@ -328,7 +357,8 @@ _BLOCK_RE = re.compile(r"(?:^|\.)blocks\.\d+\.([A-Za-z_]+)\.")
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Trainable parameters per component.
 
-    Keys: ``embeddings``, ``pair_init``, one key per Evoformer op (summed over blocks, its
+    Keys: ``embeddings``, ``pair_init`` (``z``'s initialisation and the prior's weights), one
+    key per Evoformer op (summed over blocks, its
     LayerNorm included; 0 when the op is switched off), ``heads`` and ``total`` (the sum).
     Works on a BioFormer, an EvoformerStack or an EvoformerBlock (block params are keyed by op).
     """

@@ -127,18 +127,21 @@ class EvoformerBlock(nn.Module):
         msa_mask: torch.Tensor,
         pair_mask: torch.Tensor | None,
         chunk_size: int | None = None,
+        attn_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         Args:
             m: ``[*, S, r, c_m]``; z: ``[*, r, r, c_z]`` (None for preset ``none``).
             msa_mask: ``[*, S, r]``; pair_mask: ``[*, r, r]`` (1 = real; None without z).
             chunk_size: see :class:`ModelConfig`.
+            attn_bias: ``[*, 1, H, r, r]`` added to the row attention logits (the prior's bias,
+                :class:`evoformer.model.prior.PriorAttentionBias`), or None.
 
         Returns:
             ``(m [*, S, r, c_m], z [*, r, r, c_z] or None)``.
         """
         with record_function("evoformer_block"):
-            m = self.msa_row_attention(m, z, msa_mask)
+            m = self.msa_row_attention(m, z, msa_mask, attn_bias)
             if self.msa_column_attention is not None:
                 m = self.msa_column_attention(m, msa_mask)
             m = self.msa_transition(m)
@@ -181,11 +184,13 @@ class EvoformerStack(nn.Module):
         z: torch.Tensor | None,
         msa_mask: torch.Tensor,
         pair_mask: torch.Tensor | None,
+        attn_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         Args:
             m: ``[*, S, r, c_m]``; z: ``[*, r, r, c_z]`` (None for preset ``none``).
             msa_mask: ``[*, S, r]``; pair_mask: ``[*, r, r]`` (1 = real; None without z).
+            attn_bias: ``[*, 1, H, r, r]`` added to every block's row attention logits, or None.
 
         Returns:
             ``(m [*, S, r, c_m], z [*, r, r, c_z] or None)``.
@@ -203,7 +208,7 @@ class EvoformerStack(nn.Module):
 
             def run(m_, z_, group=group):
                 for block in group:
-                    m_, z_ = block(m_, z_, msa_mask, pair_mask, self.chunk_size)
+                    m_, z_ = block(m_, z_, msa_mask, pair_mask, self.chunk_size, attn_bias)
                 return m_, z_
 
             if use_ckpt:

@@ -32,20 +32,28 @@ class MSARowAttentionWithPairBias(nn.Module):
         self.mha = Attention(c_m, c_hidden, n_heads)
 
     def forward(
-        self, m: torch.Tensor, z: torch.Tensor | None, msa_mask: torch.Tensor
+        self,
+        m: torch.Tensor,
+        z: torch.Tensor | None,
+        msa_mask: torch.Tensor,
+        attn_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
             m: ``[*, S, r, c_m]`` MSA (already layer-normed in pre-LN order).
             z: ``[*, r, r, c_z]`` pair representation, or None without one.
             msa_mask: ``[*, S, r]`` 1 = real token.
+            attn_bias: ``[*, 1, H, r, r]`` added to the pair bias (a prior network's bias), or
+                None.
 
         Returns:
             ``[*, S, r, c_m]`` update.
         """
         with record_function("msa_row_attention"):
             if self.linear_z is None or self.layer_norm_z is None:
-                return self.mha(m, None, key_mask=msa_mask)
+                return self.mha(m, attn_bias, key_mask=msa_mask)
             pair_bias = self.linear_z(self.layer_norm_z(z))  # [*, r, r, H]
             pair_bias = pair_bias.movedim(-1, -3).unsqueeze(-4)  # [*, 1, H, r, r]
+            if attn_bias is not None:
+                pair_bias = pair_bias + attn_bias.to(pair_bias.dtype)
             return self.mha(m, pair_bias, key_mask=msa_mask)  # keys of row s: msa_mask[s]
