@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -448,6 +449,27 @@ def update_section(path: Path, section: str, name: str = "bench_hvg") -> None:
     write_text_atomic(path, head + section + rest.split(end, 1)[1])
 
 
+def add_report_options(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark with a generated BENCHMARKS.md section shares."""
+    parser.add_argument("--update-benchmarks", type=Path, default=None, metavar="BENCHMARKS.md")
+    parser.add_argument("--json", type=Path, default=None, help="write all figures as JSON")
+    parser.add_argument(
+        "--from-json", type=Path, default=None, help="render a saved run (--json) instead"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+
+
+def report(args: argparse.Namespace, run: dict, markdown: Callable[[dict], str], name: str) -> None:
+    """Keep a fresh run's figures (``--json``), print its section and, with
+    ``--update-benchmarks``, put it into BENCHMARKS.md between the ``name`` markers."""
+    if args.json and not args.from_json:
+        args.json.write_text(json.dumps(run, indent=1) + "\n")
+    section = markdown(run)
+    print("\n" + section)
+    if args.update_benchmarks:
+        update_section(args.update_benchmarks, section, name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", type=int, nargs="+", default=[100_000])
@@ -458,15 +480,7 @@ def main() -> None:
     parser.add_argument("--flavor", default="seurat")
     parser.add_argument("--reference-cells", type=int, default=0)
     parser.add_argument("--workdir", default="/tmp/bench_hvg")
-    parser.add_argument("--update-benchmarks", type=Path, default=None, metavar="BENCHMARKS.md")
-    parser.add_argument("--json", type=Path, default=None, help="write all figures as JSON")
-    parser.add_argument(
-        "--from-json",
-        type=Path,
-        default=None,
-        help="render a saved run (--json) instead of running",
-    )
-    parser.add_argument("--keep", action="store_true")
+    add_report_options(parser)
     parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cells-now", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -485,12 +499,7 @@ def main() -> None:
         finally:
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
-        if args.json:
-            args.json.write_text(json.dumps(run, indent=1) + "\n")
-    section = markdown(run)
-    print("\n" + section)
-    if args.update_benchmarks:
-        update_section(args.update_benchmarks, section)
+    report(args, run, markdown, "bench_hvg")
 
 
 if __name__ == "__main__":

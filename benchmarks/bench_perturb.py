@@ -42,7 +42,15 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench_hvg import _commit, _gib, _size, record_peak, run_stage_process, update_section
+from bench_hvg import (  # isort: skip
+    _commit,
+    _gib,
+    _size,
+    add_report_options,
+    record_peak,
+    report,
+    run_stage_process,
+)
 from bench_screen import NORMAN
 
 NAME = "norman"  # the dataset's name (the screen's file stem)
@@ -391,12 +399,7 @@ def main() -> None:
     parser.add_argument("--n-bins", type=int, default=51)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", default="/tmp/bench_perturb")
-    parser.add_argument("--update-benchmarks", type=Path, default=None, metavar="BENCHMARKS.md")
-    parser.add_argument("--json", type=Path, default=None, help="write all figures as JSON")
-    parser.add_argument(
-        "--from-json", type=Path, default=None, help="render a saved run (--json) instead"
-    )
-    parser.add_argument("--keep", action="store_true")
+    add_report_options(parser)
     parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--now", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -419,12 +422,7 @@ def main() -> None:
         finally:
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
-        if args.json:
-            args.json.write_text(json.dumps(run, indent=1) + "\n")
-    section = markdown(run)
-    print("\n" + section)
-    if args.update_benchmarks:
-        update_section(args.update_benchmarks, section, "bench_perturb")
+    report(args, run, markdown, "bench_perturb")
 
 
 if __name__ == "__main__":
