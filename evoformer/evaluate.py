@@ -516,8 +516,9 @@ def strongest_baselines(intervals: dict[str, dict[str, dict[str, float]]]) -> di
 def attention_gene_scores(
     model: BioFormer, data: BinnedData, rows: np.ndarray, device: torch.device, batch_size: int
 ) -> np.ndarray:
-    """``[G, G]`` gene-gene scores: the row-attention weights between gene tokens (pair bias and
-    key mask included), averaged over heads, blocks and the cells ``rows``, symmetrised.
+    """``[G, G]`` gene-gene scores: the row-attention weights between gene tokens (pair bias, a
+    prior network's bias and key mask included), averaged over heads, blocks and the cells
+    ``rows``, symmetrised.
 
     The weights are recomputed explicitly from each block's attention input (captured with a
     forward pre-hook), as the fused attention kernel does not return them.
@@ -525,11 +526,11 @@ def attention_gene_scores(
     g = data.n_genes
     total = torch.zeros(g, g, dtype=torch.float64)
     count = torch.zeros(g, g, dtype=torch.float64)
-    captured: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+    captured: list[tuple] = []  # (m, z, msa_mask[, attn_bias]) of each block
     ops = [blk.msa_row_attention.op for blk in model.stack.blocks]
 
     def hook(module: torch.nn.Module, args: tuple) -> None:
-        captured.append(args[:3])
+        captured.append(args[:4])
 
     handles = [op.register_forward_pre_hook(hook) for op in ops]
     try:
@@ -554,9 +555,14 @@ def attention_gene_scores(
 
 
 def _attention_weights(
-    op: torch.nn.Module, m: torch.Tensor, z: torch.Tensor | None, msa_mask: torch.Tensor
+    op: torch.nn.Module,
+    m: torch.Tensor,
+    z: torch.Tensor | None,
+    msa_mask: torch.Tensor,
+    attn_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + pair bias + key mask) of one row attention: ``[B, S, H, r, r]``."""
+    """softmax(q k^T / sqrt(d) + pair bias + prior bias + key mask) of one row attention:
+    ``[B, S, H, r, r]`` (``attn_bias [B, 1, H, r, r]``: a prior network's bias, mode bias/both)."""
     from evoformer.model.primitives import mask_bias
 
     mha = op.mha
@@ -568,6 +574,8 @@ def _attention_weights(
     if z is not None and op.linear_z is not None:
         bias = op.linear_z(op.layer_norm_z(z)).float().movedim(-1, -3).unsqueeze(-4)
         logits = logits + bias
+    if attn_bias is not None:
+        logits = logits + attn_bias.float()
     return torch.softmax(logits, dim=-1)
 
 
