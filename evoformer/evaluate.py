@@ -500,6 +500,54 @@ def expression_evaluation(
     return bootstrap(scorers, len(x_test), params.n_bootstrap, params.seed), fitted
 
 
+def paired_model_differences(
+    models: dict[str, tuple[str | os.PathLike, str | os.PathLike | None]],
+    binned: str | os.PathLike,
+    split: str | os.PathLike,
+    reference: str,
+    params: dict[str, Any] | EvalParams | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Models trained on the same binned data, compared on the same masked test positions (as
+    :func:`evaluate` masks them) with paired bootstrap intervals: does one grid point beat
+    another (a prior against none)?
+
+    Args:
+        models: name -> (``model.pt``, its prior-network TSV or None).
+        binned, split: the binned data folder and ``split.tsv`` the models were trained on.
+        reference: the name every other model is compared with (``reference - other``).
+        params: :class:`EvalParams` (mask ratio, seed, bootstrap) or its plain dict.
+
+    Returns:
+        :func:`evoformer.metrics.bootstrap` output: ``{name: {metric: {value, lo, hi}}}`` and
+        ``{"diff:<other>": ...}`` for :data:`evoformer.metrics.EXPR_METRICS`.
+
+    Raises:
+        InputError: ``reference`` is not a model, or the models' masked positions differ
+            (another ``n_cells_per_msa``).
+    """
+    if reference not in models:
+        raise InputError(f"reference {reference!r} is not among the models ({', '.join(models)})")
+    p = params if isinstance(params, EvalParams) else EvalParams.from_dict(params)
+    device = torch.device("cpu")
+    data = BinnedData.open(binned)
+    gene_names = data.genes["gene_id"].astype(str).tolist()
+    split_df = pd.read_csv(split, sep="\t", dtype={"cell_id": str})
+    labels, _ = label_codes(data.cells)
+    test = held_out_rows(split_df, data.cells)
+    scorers: dict[str, Scorer] = {}
+    positions, where, first = None, None, next(iter(models))
+    for name, (path, prior) in models.items():
+        model, _ = load_model(path, gene_names, prior)
+        res = run_model(model.to(device), data, test, labels, p, device, with_masks=True)
+        if positions is None:
+            positions = Positions(res["expr_true"], res["gene"], res["cell"], len(test))
+            where = (res["cell"], res["gene"])
+        elif not (np.array_equal(res["cell"], where[0]) and np.array_equal(res["gene"], where[1])):
+            raise InputError(f"{path}: masks other test positions than model {first!r}")
+        scorers[name] = Scorer(positions, res["expr_pred"], res["nonzero_score"])
+    return bootstrap(scorers, len(test), p.n_bootstrap, p.seed, reference=reference)
+
+
 def strongest_baselines(intervals: dict[str, dict[str, dict[str, float]]]) -> dict[str, str]:
     """Per expression metric, the baseline with the best point estimate."""
     out = {}

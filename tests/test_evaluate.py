@@ -20,9 +20,11 @@ from evoformer.evaluate import (
     classification_metrics,
     evaluate,
     gene_bin_counts,
+    paired_model_differences,
     pearson,
     value_metrics,
 )
+from evoformer.metrics import EXPR_METRICS
 from evoformer.model import BioFormer, ModelConfig, fixed_mask
 from evoformer.train import label_codes, select_rows
 
@@ -468,3 +470,24 @@ def test_attention_scores_include_a_prior_networks_bias(ds: dict) -> None:
     for s, t in edges:
         others[[s, t], :] = others[:, [s, t]] = False
     np.testing.assert_allclose(after[others], before[others], atol=1e-6)  # other rows unchanged
+
+
+def test_paired_model_differences_match_the_evaluation(ds: dict, tmp_path: Path) -> None:
+    """Each model scores as its evaluation does (same masks, same resamples); the differences
+    are paired: a model against itself differs by exactly 0."""
+    other = write_model(tmp_path / "other.pt", TINY, seed=1)
+    models = {"a": (ds["model"], None), "b": (other, None), "a_again": (ds["model"], None)}
+    out = paired_model_differences(models, ds["binned"], ds["split"], "a", FAST)
+    for name, path in (("a", ds["model"]), ("b", other)):
+        ev = evaluate(path, ds["binned"], ds["split"], ds["hvg"], tmp_path / name, FAST)["metrics"]
+        for m in EXPR_METRICS:
+            for k, suffix in (("value", ""), ("lo", "_lo"), ("hi", "_hi")):
+                assert out[name][m][k] == pytest.approx(ev[f"model_{m}{suffix}"], nan_ok=True)
+    d = out["diff:b"]["expr_mse"]
+    assert d["value"] == pytest.approx(
+        out["a"]["expr_mse"]["value"] - out["b"]["expr_mse"]["value"]
+    )
+    assert d["lo"] < d["value"] < d["hi"]
+    assert out["diff:a_again"]["expr_mse"] == {"value": 0.0, "lo": 0.0, "hi": 0.0}
+    with pytest.raises(InputError, match="reference 'c' is not among the models"):
+        paired_model_differences(models, ds["binned"], ds["split"], "c", FAST)
