@@ -25,7 +25,9 @@ is ``prior``; the grid is the Cartesian product.
       exact: {source: planted, dataset: planted}
       noisy: {source: planted, dataset: planted, drop: 0.5, add: 0.5}
     sweep:
-      prior: [none, exact, noisy] Every grid point is a row of a table whose columns are ``n_hvg``,
+      prior: [none, exact, noisy]
+
+Every grid point is a row of a table whose columns are ``n_hvg``,
 ``n_bins`` and the sweep keys, which Snakemake's ``Paramspace`` turns into readable paths such as
 ``n_hvg~64/n_bins~11/ln_order~pre`` - so sweep values that are strings are restricted to
 ``[A-Za-z0-9_.+-]`` (never ``.`` or ``..``) and can never leave ``results/``.
