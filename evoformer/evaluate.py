@@ -500,6 +500,54 @@ def expression_evaluation(
     return bootstrap(scorers, len(x_test), params.n_bootstrap, params.seed), fitted
 
 
+def paired_model_differences(
+    models: dict[str, tuple[str | os.PathLike, str | os.PathLike | None]],
+    binned: str | os.PathLike,
+    split: str | os.PathLike,
+    reference: str,
+    params: dict[str, Any] | EvalParams | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Models trained on the same binned data, compared on the same masked test positions (as
+    :func:`evaluate` masks them) with paired bootstrap intervals: does one grid point beat
+    another (a prior against none)?
+
+    Args:
+        models: name -> (``model.pt``, its prior-network TSV or None).
+        binned, split: the binned data folder and ``split.tsv`` the models were trained on.
+        reference: the name every other model is compared with (``reference - other``).
+        params: :class:`EvalParams` (mask ratio, seed, bootstrap) or its plain dict.
+
+    Returns:
+        :func:`evoformer.metrics.bootstrap` output: ``{name: {metric: {value, lo, hi}}}`` and
+        ``{"diff:<other>": ...}`` for :data:`evoformer.metrics.EXPR_METRICS`.
+
+    Raises:
+        InputError: ``reference`` is not a model, or the models' masked positions differ
+            (another ``n_cells_per_msa``).
+    """
+    if reference not in models:
+        raise InputError(f"reference {reference!r} is not among the models ({', '.join(models)})")
+    p = params if isinstance(params, EvalParams) else EvalParams.from_dict(params)
+    device = torch.device("cpu")
+    data = BinnedData.open(binned)
+    gene_names = data.genes["gene_id"].astype(str).tolist()
+    split_df = pd.read_csv(split, sep="\t", dtype={"cell_id": str})
+    labels, _ = label_codes(data.cells)
+    test = held_out_rows(split_df, data.cells)
+    scorers: dict[str, Scorer] = {}
+    positions, where, first = None, None, next(iter(models))
+    for name, (path, prior) in models.items():
+        model, _ = load_model(path, gene_names, prior)
+        res = run_model(model.to(device), data, test, labels, p, device, with_masks=True)
+        if positions is None:
+            positions = Positions(res["expr_true"], res["gene"], res["cell"], len(test))
+            where = (res["cell"], res["gene"])
+        elif not (np.array_equal(res["cell"], where[0]) and np.array_equal(res["gene"], where[1])):
+            raise InputError(f"{path}: masks other test positions than model {first!r}")
+        scorers[name] = Scorer(positions, res["expr_pred"], res["nonzero_score"])
+    return bootstrap(scorers, len(test), p.n_bootstrap, p.seed, reference=reference)
+
+
 def strongest_baselines(intervals: dict[str, dict[str, dict[str, float]]]) -> dict[str, str]:
     """Per expression metric, the baseline with the best point estimate."""
     out = {}
@@ -516,8 +564,9 @@ def strongest_baselines(intervals: dict[str, dict[str, dict[str, float]]]) -> di
 def attention_gene_scores(
     model: BioFormer, data: BinnedData, rows: np.ndarray, device: torch.device, batch_size: int
 ) -> np.ndarray:
-    """``[G, G]`` gene-gene scores: the row-attention weights between gene tokens (pair bias and
-    key mask included), averaged over heads, blocks and the cells ``rows``, symmetrised.
+    """``[G, G]`` gene-gene scores: the row-attention weights between gene tokens (pair bias, a
+    prior network's bias and key mask included), averaged over heads, blocks and the cells
+    ``rows``, symmetrised.
 
     The weights are recomputed explicitly from each block's attention input (captured with a
     forward pre-hook), as the fused attention kernel does not return them.
@@ -525,11 +574,11 @@ def attention_gene_scores(
     g = data.n_genes
     total = torch.zeros(g, g, dtype=torch.float64)
     count = torch.zeros(g, g, dtype=torch.float64)
-    captured: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+    captured: list[tuple] = []  # (m, z, msa_mask[, attn_bias]) of each block
     ops = [blk.msa_row_attention.op for blk in model.stack.blocks]
 
     def hook(module: torch.nn.Module, args: tuple) -> None:
-        captured.append(args[:3])
+        captured.append(args[:4])
 
     handles = [op.register_forward_pre_hook(hook) for op in ops]
     try:
@@ -554,9 +603,14 @@ def attention_gene_scores(
 
 
 def _attention_weights(
-    op: torch.nn.Module, m: torch.Tensor, z: torch.Tensor | None, msa_mask: torch.Tensor
+    op: torch.nn.Module,
+    m: torch.Tensor,
+    z: torch.Tensor | None,
+    msa_mask: torch.Tensor,
+    attn_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + pair bias + key mask) of one row attention: ``[B, S, H, r, r]``."""
+    """softmax(q k^T / sqrt(d) + pair bias + prior bias + key mask) of one row attention:
+    ``[B, S, H, r, r]`` (``attn_bias [B, 1, H, r, r]``: a prior network's bias, mode bias/both)."""
     from evoformer.model.primitives import mask_bias
 
     mha = op.mha
@@ -568,6 +622,8 @@ def _attention_weights(
     if z is not None and op.linear_z is not None:
         bias = op.linear_z(op.layer_norm_z(z)).float().movedim(-1, -3).unsqueeze(-4)
         logits = logits + bias
+    if attn_bias is not None:
+        logits = logits + attn_bias.float()
     return torch.softmax(logits, dim=-1)
 
 

@@ -14,8 +14,20 @@ The config holds one base experiment and a grid::
       preset: [none, bioformer]
 
 A sweep key names a key of ``experiment`` (``n_hvg``, ``n_bins``), of ``experiment.model``
-(``preset``, ``ln_order``, ``c_z``, ...) or of ``experiment.train`` (``lr``, ``seed``, ...); the
-grid is the Cartesian product. Every grid point is a row of a table whose columns are ``n_hvg``,
+(``preset``, ``ln_order``, ``c_z``, ...) or of ``experiment.train`` (``lr``, ``seed``, ...), or
+is ``prior``; the grid is the Cartesian product.
+
+``sweep.prior`` takes names of the entries of a top-level ``priors`` mapping (each what
+``experiment.prior`` takes; :mod:`evoformer.priors`), and ``none`` for no prior; it replaces
+``experiment.prior``, which must then be absent::
+
+    priors:
+      exact: {source: planted, dataset: planted}
+      noisy: {source: planted, dataset: planted, drop: 0.5, add: 0.5}
+    sweep:
+      prior: [none, exact, noisy]
+
+Every grid point is a row of a table whose columns are ``n_hvg``,
 ``n_bins`` and the sweep keys, which Snakemake's ``Paramspace`` turns into readable paths such as
 ``n_hvg~64/n_bins~11/ln_order~pre`` - so sweep values that are strings are restricted to
 ``[A-Za-z0-9_.+-]`` (never ``.`` or ``..``) and can never leave ``results/``.
@@ -40,7 +52,12 @@ import pandas as pd
 
 from evoformer.errors import InputError
 from evoformer.model import ModelConfig
-from evoformer.priors import prior_run_config
+from evoformer.priors import (
+    PlantedPriorSettings,
+    check_planted_dataset,
+    prior_run_config,
+    prior_source,
+)
 from evoformer.train_config import BIN_SPACE_METRICS, VALIDATION_METRICS, RunSpec, TrainConfig
 
 #: Keys that choose the preprocessing variant; always columns of the grid.
@@ -49,12 +66,16 @@ DATA_KEYS = ("n_hvg", "n_bins")
 SAFE_VALUE = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.+-]+$")
 #: Grid keys that make bin-space validation metrics incomparable between grid points.
 BIN_SPACE_KEYS = ("n_bins", "loss", "label_head")
+#: The sweep key over prior networks, and its value for no prior.
+PRIOR_KEY, NO_PRIOR = "prior", "none"
 
 
 def _section_of(key: str) -> str:
-    """Which part of the experiment a sweep key lives in: 'data', 'model' or 'train'."""
+    """Which part of the experiment a sweep key lives in: 'data', 'model', 'train' or 'prior'."""
     if key in DATA_KEYS:
         return "data"
+    if key == PRIOR_KEY:
+        return "prior"
     model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"profiler"}
     if key in model_keys and key in train_keys:
@@ -65,8 +86,81 @@ def _section_of(key: str) -> str:
         return "train"
     raise InputError(
         f"config key 'sweep.{key}' is not an experiment key (n_hvg, n_bins, a model key such as "
-        f"preset/ln_order/c_z/c_opm, or a train key such as lr/seed)"
+        f"preset/ln_order/c_z/c_opm, a train key such as lr/seed, or prior)"
     )
+
+
+def _check_priors(config: dict[str, Any]) -> None:
+    """``priors`` is a mapping of name -> prior; ``sweep.prior`` names its entries (or
+    ``none``) and comes without ``experiment.prior``."""
+    named = config.get("priors")
+    if named is not None and not isinstance(named, dict):
+        raise InputError(f"config key 'priors': expected a mapping of name -> prior, got {named!r}")
+    named = named or {}
+    if NO_PRIOR in named:
+        raise InputError(
+            f"config key 'priors.{NO_PRIOR}': '{NO_PRIOR}' means no prior in sweep.prior"
+        )
+    values = (config.get("sweep") or {}).get(PRIOR_KEY)
+    if values is None:
+        return
+    if config["experiment"].get("prior") is not None:
+        raise InputError(
+            "config key 'experiment.prior': give the prior either there or as sweep.prior over "
+            "the entries of priors, not both"
+        )
+    for v in values:
+        if v != NO_PRIOR and v not in named:
+            raise InputError(
+                f"config key 'sweep.prior': {v!r} is not an entry of priors (entries: "
+                f"{', '.join(sorted(named)) or 'none'}; or '{NO_PRIOR}')"
+            )
+
+
+def point_prior(config: dict[str, Any], point: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The prior of a grid point and its config key: ``priors.<name>`` when the grid sweeps
+    ``prior`` (None for ``none``), else ``experiment.prior``."""
+    if PRIOR_KEY in point:
+        name = point[PRIOR_KEY]
+        if name == NO_PRIOR:
+            return None, f"sweep.{PRIOR_KEY}"
+        return (config.get("priors") or {})[name], f"priors.{name}"
+    return config["experiment"].get("prior"), "experiment.prior"
+
+
+def configured_priors(config: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    """Every prior the config gives, with its key: ``experiment.prior`` and the entries of
+    ``priors`` the grid uses."""
+    used = (config.get("sweep") or {}).get(PRIOR_KEY) or []
+    named = config.get("priors") or {}
+    out = [(named[n], f"priors.{n}") for n in used if n in named]
+    if config["experiment"].get("prior") is not None:
+        out.insert(0, (config["experiment"]["prior"], "experiment.prior"))
+    return out
+
+
+def source_priors(config: dict[str, Any]) -> dict[str, Any]:
+    """Name -> settings of every source prior the grid uses (what the ``prior`` rule builds).
+
+    Raises:
+        InputError: two priors build the same file with different settings, or a planted
+            prior names a dataset that is not planted (:func:`check_planted_dataset`).
+    """
+    out: dict[str, Any] = {}
+    for d, key in configured_priors(config):
+        source = prior_source(d, key)
+        if source is None:
+            continue
+        name, settings = source
+        if name in out and out[name] != settings:
+            raise InputError(
+                f"config key '{key}': builds resources/priors/{name}.tsv like another prior, "
+                "with other settings; give it a name"
+            )
+        if isinstance(settings, PlantedPriorSettings):
+            check_planted_dataset(settings, config.get("datasets") or {}, key)
+        out[name] = settings
+    return out
 
 
 def _check_value(key: str, value: Any) -> None:
@@ -95,6 +189,7 @@ def grid(config: dict[str, Any]) -> pd.DataFrame:
             _check_value(key, v)
         if len(set(map(repr, values))) != len(values):
             raise InputError(f"config key 'sweep.{key}' lists a value twice")
+    _check_priors(config)
     base = {k: exp[k] for k in DATA_KEYS}
     keys = list(DATA_KEYS) + [k for k in sweep if k not in DATA_KEYS]
     axes = [sweep.get(k, [base.get(k)]) if k in DATA_KEYS else sweep[k] for k in keys]
@@ -124,13 +219,14 @@ def run_spec(
         elif section == "train":
             train[key] = _plain(value)
     evaluation = config.get("evaluation") or {}
+    prior, prior_key = point_prior(config, point)
     return RunSpec.from_dict(
         {
             "model": model,
             "train": train,
             "fold": fold if isinstance(fold, int) else -1,
             "final": fold == "final",
-            "prior": prior_run_config(exp.get("prior")),
+            "prior": prior_run_config(prior, prior_key),
             "val_mask_ratio": evaluation.get("mask_ratio", 0.15),
             "final_epochs": final_epochs if fold == "final" else None,
         }
@@ -186,6 +282,7 @@ def check(config: dict[str, Any], n_cells_by_label: dict[str, int] | None = None
     points = grid(config).to_dict("records")
     runs = folds(config)
     specs = [run_spec(config, point, runs[0]) for point in points]
+    source_priors(config)
     memory = config.get("memory") or {}
     processes = {
         "train.cpu_processes": lambda s: s.train.cpu_processes,

@@ -9,7 +9,13 @@
       min_curation_effort: 0                            # confidence filter (OmniPath's count)
       unsigned: positive                                # or drop
       weight: unit                                      # or curation_effort
-    # both: min_gene_share (default 0.1), mode: init | bias | both (evoformer.model.prior)
+    prior:
+      source: planted                                   # a planted dataset's true network,
+      dataset: planted                                  # made noisy (evoformer.data.planted)
+      drop: 0.5                                         # share of its true edges removed
+      add: 0.5                                          # false edges added, x its true edges
+      seed: 0
+    # all: min_gene_share (default 0.1), mode: init | bias | both (evoformer.model.prior)
 
 A source is built once by the ``prior`` rule into ``resources/priors/<name>.tsv`` (columns
 ``source, target, weight, sign, signed, curation_effort, resource, licence``, a ``#``
@@ -25,6 +31,14 @@ air-gapped cluster), or with ``offline: true``, from the extract vendored in
 licence allows redistribution (:data:`REDISTRIBUTABLE`; its header says how it was made). A
 request the extract cannot answer (a resource it leaves out, DoRothEA levels, another organism)
 stops with one line, as does a failed download without a cached copy.
+
+**A noisy planted prior** (``source: planted``; :func:`noisy_network`) is the true network of a
+planted dataset (``<name>_network.tsv``) with ``round(drop * E)`` of its ``E`` edges removed
+(uniformly, seeded) and ``round(add * E)`` false edges added: directed pairs of two distinct
+genes of the dataset that are neither a true edge nor the reverse of one, drawn uniformly
+(seeded). A kept edge keeps its sign and weight; a false one gets a random sign and a weight
+drawn from the true edges' weights, so neither tells it apart. Column ``true`` says which is
+which (the training ignores it). ``drop: 0, add: 0`` is the exact network.
 
 **What an edge is.** One OmniPath record is a directed TF -> target interaction; a complex
 source (``COMPLEX:FOS_JUN``, AP-1, NF-kB) is split into its member genes. Its sign comes from
@@ -73,7 +87,7 @@ from evoformer.typed import from_plain
 log = logging.getLogger(__name__)
 
 #: ``experiment.prior.source`` values.
-SOURCES = ("omnipath",)
+SOURCES = ("omnipath", "planted")
 #: Where the ``prior`` rule builds a source's network: ``<PRIOR_DIR>/<name>.tsv``.
 PRIOR_DIR = "resources/priors"
 #: The omnipath client's file cache (reused offline).
@@ -230,6 +244,63 @@ class OmniPathSettings:
             d[k] = None if d[k] is None else list(d[k])
         return d
 
+    def default_name(self) -> str:
+        """``omnipath_<resources>``: the built file's name unless ``name`` is given."""
+        return "omnipath_" + "_".join(r.lower() for r in self.resources)
+
+
+@dataclass(frozen=True)
+class PlantedPriorSettings:
+    """A noisy copy of a planted dataset's true network (``experiment.prior`` with ``source:
+    planted``; module docstring).
+
+    Attributes:
+        dataset: a dataset of kind ``planted`` (``datasets.<dataset>``).
+        drop: share of the true edges removed, in [0, 1].
+        add: false edges added, as a share of the true edges, in [0, 1].
+        seed: which edges are removed and added, and the false edges' signs and weights.
+    """
+
+    dataset: str = ""
+    drop: float = 0.0
+    add: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def from_dict(
+        cls, d: dict[str, Any] | None, key: str = "experiment.prior"
+    ) -> PlantedPriorSettings:
+        """Build from the plain settings; a bad key or value raises InputError naming it."""
+        s = from_plain(cls, d, key)
+        if not s.dataset:
+            raise InputError(f"config key '{key}.dataset': missing (the planted dataset's name)")
+        for name in ("drop", "add"):
+            value = getattr(s, name)
+            if not 0.0 <= value <= 1.0:
+                raise InputError(
+                    f"config key '{key}.{name}': got {value}, expected a share in [0, 1]"
+                )
+        if s.seed < 0:
+            raise InputError(f"config key '{key}.seed': got {s.seed}, expected an integer >= 0")
+        return s
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types: the ``prior`` rule's params."""
+        return dataclasses.asdict(self)
+
+    def default_name(self) -> str:
+        """``planted_<dataset>_drop<d>_add<a>_seed<s>``: the built file's name."""
+        return f"planted_{self.dataset}_drop{self.drop:g}_add{self.add:g}_seed{self.seed}"
+
+
+#: The settings class of each source.
+SOURCE_SETTINGS: dict[str, type[OmniPathSettings] | type[PlantedPriorSettings]] = {
+    "omnipath": OmniPathSettings,
+    "planted": PlantedPriorSettings,
+}
+#: A source's settings.
+SourceSettings = OmniPathSettings | PlantedPriorSettings
+
 
 def _names(value: Any, key: str, allowed: Sequence[str]) -> tuple[str, ...]:
     """A non-empty list of distinct names from ``allowed``, as a tuple."""
@@ -247,9 +318,7 @@ def _names(value: Any, key: str, allowed: Sequence[str]) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _parse(
-    d: dict[str, Any], key: str
-) -> tuple[dict[str, Any], str | None, OmniPathSettings | None]:
+def _parse(d: dict[str, Any], key: str) -> tuple[dict[str, Any], str | None, SourceSettings | None]:
     """``experiment.prior`` -> (the training's prior dict, the built name, the source settings);
     name and settings are None for a ``path:`` prior."""
     if not isinstance(d, dict):
@@ -275,10 +344,10 @@ def _parse(
             "or give a file as path)"
         )
     opts = {k: v for k, v in d.items() if k not in ("source", "name", *RUN_KEYS)}
-    settings = OmniPathSettings.from_dict(opts, key)
+    settings = SOURCE_SETTINGS[source].from_dict(opts, key)
     name = d.get("name")
     if name is None:
-        name = f"{source}_" + "_".join(r.lower() for r in settings.resources)
+        name = settings.default_name()
     if not isinstance(name, str) or not _SAFE_NAME.match(name):
         raise InputError(
             f"config key '{key}.name': got {name!r}, expected letters, digits and _ . + - "
@@ -303,13 +372,37 @@ def prior_run_config(
 
 def prior_source(
     d: dict[str, Any] | None, key: str = "experiment.prior"
-) -> tuple[str, OmniPathSettings] | None:
-    """``(name, settings)`` of a source prior (what the ``prior`` rule builds); None for none or
-    a ``path:`` prior."""
+) -> tuple[str, SourceSettings] | None:
+    """``(name, settings)`` of a source prior (what the ``prior`` rule builds; the source is the
+    settings' class, :data:`SOURCE_SETTINGS`); None for none or a ``path:`` prior."""
     if d is None:
         return None
     _, name, settings = _parse(d, key)
     return None if name is None or settings is None else (name, settings)
+
+
+def source_of(settings: SourceSettings) -> str:
+    """The ``source`` value of a source prior's settings (:data:`SOURCE_SETTINGS`)."""
+    return next(k for k, cls in SOURCE_SETTINGS.items() if isinstance(settings, cls))
+
+
+def check_planted_dataset(
+    settings: PlantedPriorSettings, datasets: dict[str, Any], key: str = "experiment.prior"
+) -> None:
+    """InputError (one line, naming ``<key>.dataset``) unless ``settings.dataset`` is a dataset
+    of ``datasets`` (the config's ``datasets``) of kind ``planted``."""
+    entry = datasets.get(settings.dataset)
+    if entry is None:
+        raise InputError(
+            f"config key '{key}.dataset': unknown dataset {settings.dataset!r} "
+            f"(datasets: {', '.join(sorted(datasets))})"
+        )
+    kind = entry.get("kind") if isinstance(entry, dict) else None
+    if kind != "planted":
+        raise InputError(
+            f"config key '{key}.dataset': dataset {settings.dataset!r} is of kind {kind}, not "
+            "planted: only a planted dataset has a true network"
+        )
 
 
 # ----------------------------------------------------------------------------- records
@@ -679,6 +772,159 @@ def _write_table(out: str | os.PathLike, header: list[str], table: pd.DataFrame)
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write("".join(line + "\n" for line in header))
             table.to_csv(f, sep="\t", index=False, float_format="%.6g", lineterminator="\n")
+
+
+# ----------------------------------------------------------------------------- planted
+def noisy_network(
+    network: pd.DataFrame,
+    genes: Sequence[str],
+    drop: float,
+    add: float,
+    seed: int,
+    where: str = "planted network",
+) -> pd.DataFrame:
+    """A noisy copy of a true network (module docstring: "A noisy planted prior").
+
+    Args:
+        network: ``[E]`` true edges, ``source``, ``target`` (gene names) and ``value`` (the
+            signed weight, :func:`evoformer.model.prior.read_edges`).
+        genes: the ``G`` gene names false edges are drawn among.
+        drop: share of the ``E`` edges removed (``round(drop * E)``, Python's ``round``: half
+            to even).
+        add: false edges added, ``round(add * E)``.
+        seed: the numpy Generator's seed.
+        where: what the network is (error messages).
+
+    Returns:
+        ``[E - n_drop + n_add]`` with ``source``, ``target``, ``weight`` (> 0), ``sign`` (+1 / -1)
+        and ``true`` (1: a kept true edge, 0: a false one), sorted by source, target.
+
+    Raises:
+        InputError: the network is empty, has an edge on a gene outside ``genes``, or there are
+            fewer candidate false edges than ``round(add * E)``.
+    """
+    n_true = len(network)
+    if n_true == 0:
+        raise InputError(f"{where}: no edges to make a prior from")
+    index = {g: i for i, g in enumerate(genes)}
+    unknown = sorted((set(network["source"]) | set(network["target"])) - set(index))
+    if unknown:
+        raise InputError(f"{where}: gene {unknown[0]!r} is not among the dataset's genes")
+    src = network["source"].map(index).to_numpy(dtype=np.int64)
+    tgt = network["target"].map(index).to_numpy(dtype=np.int64)
+    value = network["value"].to_numpy(dtype=np.float64)
+    n_genes = len(genes)
+    rng = np.random.default_rng(seed)
+    n_drop, n_add = round(drop * n_true), round(add * n_true)
+    kept = np.sort(rng.choice(n_true, size=n_true - n_drop, replace=False))
+    # false edges: pairs (s, t), s != t, neither a true edge nor the reverse of one
+    taken = set((src * n_genes + tgt).tolist()) | set((tgt * n_genes + src).tolist())
+    n_candidates = n_genes * (n_genes - 1) - len(taken)
+    if n_add > n_candidates:
+        raise InputError(
+            f"{where}: add {add} asks for {n_add} false edges, but only {n_candidates} gene pairs "
+            "are neither a true edge nor its reverse"
+        )
+    false: list[int] = []
+    seen = set(taken)
+    while len(false) < n_add:
+        draw = rng.integers(0, n_genes, size=(2 * (n_add - len(false)) + 8, 2))
+        for s, t in draw.tolist():
+            pair = s * n_genes + t
+            if s != t and pair not in seen:
+                seen.add(pair)
+                false.append(pair)
+                if len(false) == n_add:
+                    break
+    false_pairs = np.asarray(false, dtype=np.int64)
+    magnitude = np.abs(value)
+    false_weight = rng.choice(magnitude, size=n_add, replace=True)
+    false_sign = rng.choice(np.array([-1, 1]), size=n_add)
+    names = np.asarray(genes, dtype=object)
+    out = pd.DataFrame(
+        {
+            "source": np.concatenate([names[src[kept]], names[false_pairs // n_genes]]),
+            "target": np.concatenate([names[tgt[kept]], names[false_pairs % n_genes]]),
+            "weight": np.concatenate([magnitude[kept], false_weight]),
+            "sign": np.concatenate([np.where(value[kept] < 0, -1, 1), false_sign]).astype(np.int64),
+            "true": np.concatenate([np.ones(len(kept)), np.zeros(n_add)]).astype(np.int64),
+        }
+    )
+    return out.sort_values(["source", "target"], kind="mergesort").reset_index(drop=True)
+
+
+def build_planted_prior(
+    settings: PlantedPriorSettings | dict[str, Any],
+    network: str | os.PathLike,
+    genes: str | os.PathLike,
+    out: str | os.PathLike,
+) -> dict[str, Any]:
+    """The ``prior`` rule for ``source: planted``: write :func:`noisy_network` of the planted
+    dataset's ``network`` (``<name>_network.tsv``) over its genes (``<name>_genes.tsv``, column
+    ``gene``) to ``out`` (TSV: source, target, weight, sign, true; a ``#`` header), log and
+    return its counts (``true_edges``, ``kept``, ``added``, ``edges``, ``precision``,
+    ``recall``)."""
+    from evoformer.model.prior import read_edges
+
+    if isinstance(settings, dict):
+        settings = PlantedPriorSettings.from_dict(settings)
+    true = read_edges(network, "planted network")
+    gene_table = pd.read_csv(genes, sep="\t", dtype={"gene": str}, keep_default_na=False)
+    if "gene" not in gene_table.columns:
+        raise InputError(f"{genes}: planted gene table has no 'gene' column")
+    table = noisy_network(
+        true, list(gene_table["gene"]), settings.drop, settings.add, settings.seed, str(network)
+    )
+    kept = int(table["true"].sum())
+    summary = {
+        "true_edges": len(true),
+        "kept": kept,
+        "added": len(table) - kept,
+        "edges": len(table),
+        "precision": kept / len(table) if len(table) else float("nan"),
+        "recall": kept / len(true),
+    }
+    header = [
+        "# prior gene-regulatory network (experiment.prior.source: planted): a noisy copy of a "
+        "planted dataset's true network, made by evoformer.priors.build_planted_prior",
+        f"# from: {Path(network).name}",
+        f"# settings: {json.dumps(settings.to_dict(), sort_keys=True)}",
+        f"# {kept} of {len(true)} true edges kept (sign and weight as planted), "
+        f"{summary['added']} false edges added (random sign, a true edge's weight); "
+        "true: 1 a planted edge, 0 a false one",
+    ]
+    _write_table(out, header, table)
+    log.info(
+        "%s: %d edges: %d of the %d planted edges kept, %d false edges added "
+        "(precision %.3f, recall %.3f)",
+        out,
+        len(table),
+        kept,
+        len(true),
+        summary["added"],
+        summary["precision"],
+        summary["recall"],
+    )
+    return summary
+
+
+def build_source_prior(
+    source: str,
+    settings: dict[str, Any],
+    out: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = OMNIPATH_CACHE,
+    network: str | os.PathLike | None = None,
+    genes: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The ``prior`` rule: build the prior of ``source`` (:data:`SOURCES`) with ``settings``
+    into ``out``; ``network`` and ``genes`` are a planted source's input files."""
+    if source == "planted":
+        if network is None or genes is None:
+            raise InputError("a planted prior needs the planted network and gene files")
+        return build_planted_prior(settings, network, genes, out)
+    if source != "omnipath":
+        raise InputError(f"unknown prior source {source!r} (known: {', '.join(SOURCES)})")
+    return build_prior(settings, out, cache_dir)
 
 
 # ----------------------------------------------------------------------------- vendoring

@@ -14,7 +14,7 @@ import jsonschema
 from evoformer import priors
 from evoformer.data import resources as data_resources
 from evoformer.data.arrays import BINNED_FILES
-from evoformer.data.planted import resolve_planted_params
+from evoformer.data.planted import planted_paths, resolve_planted_params
 from evoformer.errors import InputError
 from evoformer.memory.spec import MEMORY_TRAIN_KEYS
 from evoformer.perturb.evaluate import PerturbEvalParams
@@ -400,20 +400,36 @@ def train_spec(wildcards):
 
 
 def prior_input(wildcards):
-    """The prior network file (an input of training and evaluation when configured): the
-    given path, or the file the prior rule builds from the configured source."""
-    prior = priors.prior_run_config(config["experiment"].get("prior"))
+    """The prior network file of a grid point (an input of training and evaluation when it has
+    one): the given path, or the file the prior rule builds from its source."""
+    prior = priors.prior_run_config(
+        *experiments.point_prior(config, point_of(wildcards))
+    )
     return [prior["path"]] if prior else []
 
 
-def prior_source_config(name):
-    """The settings of the source prior resources/priors/<name>.tsv (the prior rule's params)."""
-    source = priors.prior_source(config["experiment"].get("prior"))
-    if source is None or source[0] != name:
+def prior_settings(name):
+    """The settings of the source prior resources/priors/<name>.tsv."""
+    settings = experiments.source_priors(config).get(name)
+    if settings is None:
         raise WorkflowError(
-            f"{priors.prior_file(name)}: not the prior network experiment.prior builds"
+            f"{priors.prior_file(name)}: not a prior network experiment.prior or priors builds"
         )
-    return canonical(source[1].to_dict())
+    return settings
+
+
+def prior_source_config(name):
+    """The settings of the source prior <name> as plain types (the prior rule's params)."""
+    return canonical(prior_settings(name).to_dict())
+
+
+def prior_source_inputs(wildcards):
+    """The input files of the prior rule (a planted prior's true network and gene table)."""
+    settings = prior_settings(wildcards.prior_name)
+    if not isinstance(settings, priors.PlantedPriorSettings):
+        return {}
+    _, network, genes = planted_paths(f"{PLANTED_DIR}/{settings.dataset}.h5ad")
+    return {"network": str(network), "genes": str(genes)}
 
 
 def run_dir(point, fold):

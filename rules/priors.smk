@@ -1,7 +1,7 @@
-# Prior networks from a curated source (experiment.prior.source): built once into
-# resources/priors/<name>.tsv by evoformer.priors (the omnipath client with its cache in
-# resources/priors/omnipath_cache, or the vendored extract offline); the training restricts
-# the file to its HVGs. A local job (seconds): on a cluster the login node is the one that
+# Prior networks from a source (experiment.prior.source, or the priors entries sweep.prior
+# names): built once into resources/priors/<name>.tsv by evoformer.priors (omnipath: the client
+# with its cache in resources/priors/omnipath_cache, or the vendored extract offline; planted: a
+# noisy copy of a planted dataset's true network); the training restricts the file to its HVGs. A local job (seconds): on a cluster the login node is the one that
 # can reach the OmniPath web service. A prior given as a path needs no rule.
 
 
@@ -10,6 +10,8 @@ wildcard_constraints:
 
 
 rule prior:
+    input:
+        unpack(prior_source_inputs),
     output:
         f"{priors.PRIOR_DIR}/{{prior_name}}.tsv",
     log:
@@ -20,6 +22,7 @@ rule prior:
     conda:
         "../envs/workflow.yaml"
     params:
+        source=lambda wc: priors.source_of(prior_settings(wc.prior_name)),
         settings=lambda wc: prior_source_config(wc.prior_name),
         cache_dir=priors.OMNIPATH_CACHE,
     script:

@@ -16,12 +16,15 @@ from evoformer.data.arrays import BinnedData, write_token_expression
 from evoformer.errors import InputError
 from evoformer.evaluate import (
     GeneBaseline,
+    attention_gene_scores,
     classification_metrics,
     evaluate,
     gene_bin_counts,
+    paired_model_differences,
     pearson,
     value_metrics,
 )
+from evoformer.metrics import EXPR_METRICS
 from evoformer.model import BioFormer, ModelConfig, fixed_mask
 from evoformer.train import label_codes, select_rows
 
@@ -442,3 +445,49 @@ def test_workflow_script(ds: dict, tmp_path: Path) -> None:
     log = (tmp_path / "bad" / "evaluate.log").read_text().strip().splitlines()
     lines = [line for line in log if line.startswith("error: ")]
     assert len(lines) == 1 and "none.pt" in lines[0]
+
+
+def test_attention_scores_include_a_prior_networks_bias(ds: dict) -> None:
+    """Mode bias adds the prior's bias to the row attention: the scores must see it (a strong
+    bias on three prior edges pulls their rows' attention onto them)."""
+    data = BinnedData.open(ds["binned"])
+    prior = torch.zeros(N_GENES, N_GENES)
+    edges = [(0, 5), (3, 8), (2, 7)]
+    for s, t in edges:
+        prior[s, t] = 1.0
+    torch.manual_seed(0)
+    model = BioFormer(
+        ModelConfig.from_dict(TINY), N_GENES, N_BINS, prior=prior, prior_mode="bias"
+    ).eval()
+    rows, cpu = np.arange(12), torch.device("cpu")
+    before = attention_gene_scores(model, data, rows, cpu, 5)
+    with torch.no_grad():
+        model.prior_bias.weight[:, [1, 3]] = 20.0  # edge present, either direction
+    after = attention_gene_scores(model, data, rows, cpu, 5)
+    for s, t in edges:
+        assert after[s, t] > 0.9 > before[s, t] + 0.5, (s, t, after[s, t], before[s, t])
+    others = np.ones((N_GENES, N_GENES), bool)
+    for s, t in edges:
+        others[[s, t], :] = others[:, [s, t]] = False
+    np.testing.assert_allclose(after[others], before[others], atol=1e-6)  # other rows unchanged
+
+
+def test_paired_model_differences_match_the_evaluation(ds: dict, tmp_path: Path) -> None:
+    """Each model scores as its evaluation does (same masks, same resamples); the differences
+    are paired: a model against itself differs by exactly 0."""
+    other = write_model(tmp_path / "other.pt", TINY, seed=1)
+    models = {"a": (ds["model"], None), "b": (other, None), "a_again": (ds["model"], None)}
+    out = paired_model_differences(models, ds["binned"], ds["split"], "a", FAST)
+    for name, path in (("a", ds["model"]), ("b", other)):
+        ev = evaluate(path, ds["binned"], ds["split"], ds["hvg"], tmp_path / name, FAST)["metrics"]
+        for m in EXPR_METRICS:
+            for k, suffix in (("value", ""), ("lo", "_lo"), ("hi", "_hi")):
+                assert out[name][m][k] == pytest.approx(ev[f"model_{m}{suffix}"], nan_ok=True)
+    d = out["diff:b"]["expr_mse"]
+    assert d["value"] == pytest.approx(
+        out["a"]["expr_mse"]["value"] - out["b"]["expr_mse"]["value"]
+    )
+    assert d["lo"] < d["value"] < d["hi"]
+    assert out["diff:a_again"]["expr_mse"] == {"value": 0.0, "lo": 0.0, "hi": 0.0}
+    with pytest.raises(InputError, match="reference 'c' is not among the models"):
+        paired_model_differences(models, ds["binned"], ds["split"], "c", FAST)

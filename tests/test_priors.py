@@ -467,3 +467,192 @@ def test_the_training_restricts_the_built_network_to_the_hvgs(tmp_path, no_clien
     # HVGs named otherwise (another identifier, another species): refused
     with pytest.raises(InputError, match="min_gene_share"):
         load_prior_network(out, [g.lower() for g in hvgs], min_gene_share=0.1)
+
+
+# --------------------------------------------------------------------------- planted priors
+def _planted_network(n_genes=20, n_edges=10, seed=3):
+    """A true network ``[E]`` (source, target, signed value) of a DAG over ``n_genes`` genes."""
+    rng = np.random.default_rng(seed)
+    genes = [f"g{i:02d}" for i in range(n_genes)]
+    pairs = set()
+    while len(pairs) < n_edges:
+        s, t = sorted(rng.choice(n_genes, size=2, replace=False).tolist())
+        pairs.add((s, t))
+    src, tgt = zip(*sorted(pairs), strict=True)
+    value = rng.choice([-1.0, 1.0], size=n_edges) * rng.uniform(0.5, 1.5, size=n_edges)
+    net = pd.DataFrame(
+        {"source": [genes[i] for i in src], "target": [genes[i] for i in tgt], "value": value}
+    )
+    return net, genes
+
+
+@pytest.mark.parametrize("drop, add", [(0.0, 0.0), (0.5, 0.5), (0.3, 1.0), (1.0, 0.2)])
+def test_a_noisy_planted_network_keeps_and_adds_exact_counts(drop, add):
+    net, genes = _planted_network()
+    out = priors.noisy_network(net, genes, drop, add, seed=0)
+    kept, false = out[out["true"] == 1], out[out["true"] == 0]
+    assert len(kept) == 10 - round(drop * 10) and len(false) == round(add * 10)
+    true = {(s, t): v for s, t, v in net.itertuples(index=False)}
+    # kept edges are true edges with their sign and weight
+    for s, t, w, sign in kept[["source", "target", "weight", "sign"]].itertuples(index=False):
+        assert true[(s, t)] == pytest.approx(w * sign)
+    # a false edge is no true edge, not the reverse of one, not a self-loop, not repeated
+    pairs = list(zip(false["source"], false["target"], strict=True))
+    assert len(set(pairs)) == len(pairs)
+    assert all(s != t and (s, t) not in true and (t, s) not in true for s, t in pairs)
+    assert set(false["sign"]) <= {-1, 1} and (false["weight"] > 0).all()
+    assert set(false["weight"]) <= set(np.abs(net["value"]))  # weights of true edges
+    assert out.equals(out.sort_values(["source", "target"]).reset_index(drop=True))
+
+
+def test_a_noisy_planted_network_is_seeded():
+    net, genes = _planted_network()
+    a = priors.noisy_network(net, genes, 0.5, 0.5, seed=1)
+    assert a.equals(priors.noisy_network(net, genes, 0.5, 0.5, seed=1))
+    assert not a.equals(priors.noisy_network(net, genes, 0.5, 0.5, seed=2))
+    # the exact network is the true one, whatever the seed
+    exact = priors.noisy_network(net, genes, 0.0, 0.0, seed=5)
+    assert (exact["true"] == 1).all() and len(exact) == len(net)
+    np.testing.assert_allclose(
+        np.sort(exact["weight"] * exact["sign"]), np.sort(net["value"].to_numpy())
+    )
+
+
+def test_a_noisy_planted_network_refuses_what_it_cannot_make():
+    net, genes = _planted_network(n_genes=5, n_edges=9)  # 20 pairs - 18 taken: 2 candidates
+    with pytest.raises(InputError, match="asks for 9 false edges, but only 2 gene pairs"):
+        priors.noisy_network(net, genes, 0.0, 1.0, seed=0)
+    with pytest.raises(InputError, match="gene 'g04' is not among"):
+        priors.noisy_network(net, genes[:4], 0.0, 0.0, seed=0)
+
+
+def test_a_planted_prior_is_parsed_named_and_checked_against_the_datasets():
+    d = {"source": "planted", "dataset": "toy", "drop": 0.5, "add": 0.25, "seed": 2, "mode": "bias"}
+    run = prior_run_config(d)
+    assert run == {"path": "resources/priors/planted_toy_drop0.5_add0.25_seed2.tsv", "mode": "bias"}
+    name, settings = prior_source(d)
+    assert (
+        isinstance(settings, priors.PlantedPriorSettings)
+        and priors.source_of(settings) == "planted"
+    )
+    assert settings.to_dict() == {"dataset": "toy", "drop": 0.5, "add": 0.25, "seed": 2}
+    priors.check_planted_dataset(settings, {"toy": {"kind": "planted"}})
+    with pytest.raises(
+        InputError, match=r"'experiment\.prior\.dataset': unknown dataset 'toy' \(datasets: a, b\)"
+    ):
+        priors.check_planted_dataset(settings, {"a": {"kind": "planted"}, "b": {"kind": "h5ad"}})
+    with pytest.raises(
+        InputError, match=r"'priors\.x\.dataset': dataset 'toy' is of kind pbmc68k, not planted"
+    ):
+        priors.check_planted_dataset(settings, {"toy": {"kind": "pbmc68k"}}, "priors.x")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "prior, match",
+    [
+        ({"source": "planted"}, r"'experiment\.prior\.dataset': missing"),
+        ({"source": "planted", "dataset": "p", "drop": 1.5}, r"'experiment\.prior\.drop': got 1\.5, expected a share in \[0, 1\]"),
+        ({"source": "planted", "dataset": "p", "add": -0.1}, r"'experiment\.prior\.add': got -0\.1"),
+        ({"source": "planted", "dataset": "p", "seed": -1}, r"'experiment\.prior\.seed': got -1"),
+        ({"source": "planted", "dataset": "p", "resources": ["CollecTRI"]}, r"'experiment\.prior\.resources' is unknown"),
+    ],
+)  # fmt: skip
+def test_bad_planted_prior_settings_stop_with_one_line(prior, match):
+    with pytest.raises(InputError, match=match) as info:
+        prior_run_config(prior)
+    assert "\n" not in str(info.value)
+
+
+def test_building_a_planted_prior_writes_it_with_its_counts(tmp_path, caplog):
+    net, genes = _planted_network()
+    network, gene_file = tmp_path / "toy_network.tsv", tmp_path / "toy_genes.tsv"
+    net.rename(columns={"value": "weight"}).to_csv(network, sep="\t", index=False)
+    pd.DataFrame({"gene": genes, "n_parents": 0}).to_csv(gene_file, sep="\t", index=False)
+    out = tmp_path / "prior.tsv"
+    settings = {"dataset": "toy", "drop": 0.4, "add": 0.6, "seed": 0}
+    with caplog.at_level("INFO"):
+        summary = priors.build_source_prior(
+            "planted", settings, out, network=network, genes=gene_file
+        )
+    assert summary == {"true_edges": 10, "kept": 6, "added": 6, "edges": 12, "precision": 0.5,
+                       "recall": 0.6}  # fmt: skip
+    assert "6 of the 10 planted edges kept, 6 false edges added" in caplog.text
+    text = out.read_text()
+    assert text.startswith("# prior gene-regulatory network (experiment.prior.source: planted)")
+    edges = read_edges(out)
+    table = priors.noisy_network(net, genes, 0.4, 0.6, seed=0)
+    np.testing.assert_allclose(edges["value"], table["weight"] * table["sign"], rtol=1e-5)
+    # the training reads it like any prior
+    prior = load_prior_network(out, genes)
+    assert int((prior != 0).sum()) == 12
+    with pytest.raises(InputError, match="needs the planted network"):
+        priors.build_source_prior("planted", settings, out)
+
+
+# --------------------------------------------------------------------------- sweeping priors
+def _sweep_config(**over):
+    config = {
+        "datasets": {"p": {"kind": "planted"}, "pbmc": {"kind": "pbmc68k"}},
+        "experiment": {"dataset": "p", "n_hvg": 16, "n_bins": 5, "model": {"c_m": 8, "c_z": 4}},
+        "priors": {
+            "exact": {"source": "planted", "dataset": "p", "mode": "bias"},
+            "noisy": {"source": "planted", "dataset": "p", "drop": 0.5, "add": 0.5},
+            "file": {"path": "my.tsv"},
+        },
+        "sweep": {"prior": ["none", "exact", "noisy", "file"]},
+    }
+    config.update(over)
+    return config
+
+
+def test_the_sweep_chooses_among_named_priors():
+    from evoformer import experiments
+
+    config = _sweep_config()
+    points = experiments.grid(config).to_dict("records")
+    assert [p["prior"] for p in points] == ["none", "exact", "noisy", "file"]
+    specs = [experiments.run_spec(config, p, "holdout") for p in points]
+    assert specs[0].prior is None
+    assert specs[1].prior.path == "resources/priors/planted_p_drop0_add0_seed0.tsv"
+    assert specs[1].prior.mode == "bias" and specs[2].prior.mode == "init"
+    assert specs[2].prior.path == "resources/priors/planted_p_drop0.5_add0.5_seed0.tsv"
+    assert specs[3].prior.path == "my.tsv"
+    built = experiments.source_priors(config)
+    assert sorted(built) == ["planted_p_drop0.5_add0.5_seed0", "planted_p_drop0_add0_seed0"]
+    # only the priors the grid uses are built
+    config["sweep"]["prior"] = ["none", "noisy"]
+    assert list(experiments.source_priors(config)) == ["planted_p_drop0.5_add0.5_seed0"]
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"sweep": {"prior": ["none", "exact2"]}}, r"'sweep\.prior': 'exact2' is not an entry of priors \(entries: exact, file, noisy"),
+        ({"priors": {"none": {"path": "x.tsv"}}, "sweep": {"prior": ["none"]}}, r"'priors\.none': 'none' means no prior"),
+        ({"priors": ["exact"]}, r"'priors': expected a mapping"),
+    ],
+)  # fmt: skip
+def test_bad_prior_sweeps_stop_with_one_line(over, match):
+    from evoformer import experiments
+
+    with pytest.raises(InputError, match=match):
+        experiments.grid(_sweep_config(**over))
+
+
+def test_a_prior_sweep_with_experiment_prior_or_a_bad_planted_dataset_is_refused():
+    from evoformer import experiments
+
+    config = _sweep_config()
+    config["experiment"]["prior"] = {"path": "x.tsv"}
+    with pytest.raises(InputError, match=r"'experiment\.prior': give the prior either there or"):
+        experiments.grid(config)
+    config = _sweep_config()
+    config["priors"]["noisy"]["dataset"] = "pbmc"
+    with pytest.raises(InputError, match=r"'priors\.noisy\.dataset': dataset 'pbmc' is of kind"):
+        experiments.source_priors(config)
+    config["priors"]["noisy"] = {"source": "planted", "dataset": "p", "name": "planted_p_drop0_add0_seed0", "add": 0.1}  # fmt: skip
+    with pytest.raises(
+        InputError,
+        match=r"'priors\.noisy': builds resources/priors/planted_p_drop0_add0_seed0\.tsv like another",
+    ):
+        experiments.source_priors(config)  # fmt: skip
