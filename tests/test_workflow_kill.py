@@ -24,7 +24,9 @@ ONE_POINT = {
     "sweep": {"n_bins": [11], "preset": ["bioformer"]},
     "cv": {"enabled": False},
     "experiment": {
-        "train": {"epochs": 3, "ckpt_every": 2, "patience": None, "log_every": 1},
+        # 10 epochs (350 steps): the kill lands mid-training even on a loaded machine (with 3,
+        # a training could finish between its first checkpoint and the kill)
+        "train": {"epochs": 10, "ckpt_every": 2, "patience": None, "log_every": 1},
     },
 }
 
