@@ -49,6 +49,12 @@ if "masked_expression" in config["tasks"]:
 include: "rules/perturbation.smk"
 
 
+# The perturbation models beside the perturbation benchmark's baselines.
+if perturb_model_points():
+
+    include: "rules/perturbation_models.smk"
+
+
 rule all:
     default_target: True
     input:

@@ -60,9 +60,9 @@ from evoformer.metrics import (
     bin_values,
     bootstrap,
 )
-from evoformer.model import BioFormer, ModelConfig, fixed_mask, load_prior_network
-from evoformer.model.prior import prior_mode_of_state
-from evoformer.train import CellBatches, label_codes, select_rows
+from evoformer.model import BioFormer, fixed_mask
+from evoformer.model.saved import load_model
+from evoformer.tasks.masked import CellBatches, label_codes, select_rows
 from evoformer.typed import from_plain
 
 log = logging.getLogger("evoformer.evaluate")
@@ -289,52 +289,6 @@ class GeneBaseline:
 
 
 # ----------------------------------------------------------------------------- model
-def load_model(
-    model_path: str | os.PathLike, gene_names: list[str], prior: str | os.PathLike | None = None
-) -> tuple[BioFormer, dict[str, Any]]:
-    """Rebuild the BioFormer of a ``model.pt`` written by ``evoformer.train``; (model, the dict).
-
-    The prior network (if the model used one) is read from ``prior`` when given, else taken from
-    the saved weights (it is a buffer of the model); how it enters the model (``init``, ``bias``,
-    ``both``) is read from which prior parameters the weights hold.
-    """
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise InputError(f"{model_path}: model file not found")
-    try:
-        d = torch.load(model_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise InputError(f"{model_path}: cannot read the model ({type(e).__name__})") from e
-    missing = [k for k in ("model", "model_config", "n_genes", "n_bins") if k not in d]
-    if not isinstance(d, dict) or missing:
-        raise InputError(f"{model_path}: not an evoformer model file (missing {missing})")
-    if int(d["n_genes"]) != len(gene_names):
-        raise InputError(
-            f"{model_path}: model has {d['n_genes']} genes but the binned data has {len(gene_names)}"
-        )
-    state = d["model"]
-    prior_t = None
-    if prior is not None:
-        prior_t = load_prior_network(prior, gene_names)
-    elif "prior" in state:
-        prior_t = state["prior"]
-    model = BioFormer(
-        ModelConfig.from_dict(d["model_config"]),
-        n_genes=int(d["n_genes"]),
-        n_bins=int(d["n_bins"]),
-        n_labels=int(d.get("n_labels", 0)),
-        prior=prior_t,
-        prior_mode=prior_mode_of_state(state) or "init",
-    )
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise InputError(f"{model_path}: weights do not fit the saved config ({first})") from e
-    model.eval()
-    return model, d
-
-
 def padded_rows(rows: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows cycled up to a multiple of the MSA size ``s``; (padded rows, keep [len] bool).
 

@@ -129,13 +129,19 @@ def point_prior(config: dict[str, Any], point: dict[str, Any]) -> tuple[dict[str
 
 
 def configured_priors(config: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
-    """Every prior the config gives, with its key: ``experiment.prior`` and the entries of
-    ``priors`` the grid uses."""
+    """Every prior the config gives, with its key: ``experiment.prior``, the entries of
+    ``priors`` the grid uses, and those of the perturbation models
+    (:func:`evoformer.perturb.models.configured_priors`)."""
+    from evoformer.perturb.models import configured_priors as perturbation_priors
+
     used = (config.get("sweep") or {}).get(PRIOR_KEY) or []
     named = config.get("priors") or {}
     out = [(named[n], f"priors.{n}") for n in used if n in named]
-    if config["experiment"].get("prior") is not None:
-        out.insert(0, (config["experiment"]["prior"], "experiment.prior"))
+    experiment = config.get("experiment") or {}
+    if experiment.get("prior") is not None:
+        out.insert(0, (experiment["prior"], "experiment.prior"))
+    if "perturbation" in (config.get("tasks") or []):
+        out += [p for p in perturbation_priors(config) if p not in out]
     return out
 
 

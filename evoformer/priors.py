@@ -390,7 +390,8 @@ def check_planted_dataset(
     settings: PlantedPriorSettings, datasets: dict[str, Any], key: str = "experiment.prior"
 ) -> None:
     """InputError (one line, naming ``<key>.dataset``) unless ``settings.dataset`` is a dataset
-    of ``datasets`` (the config's ``datasets``) of kind ``planted``."""
+    of ``datasets`` (the config's ``datasets``) with a true network: kind ``planted`` or
+    ``screen`` (a synthetic screen's planted network)."""
     entry = datasets.get(settings.dataset)
     if entry is None:
         raise InputError(
@@ -398,10 +399,10 @@ def check_planted_dataset(
             f"(datasets: {', '.join(sorted(datasets))})"
         )
     kind = entry.get("kind") if isinstance(entry, dict) else None
-    if kind != "planted":
+    if kind not in ("planted", "screen"):
         raise InputError(
             f"config key '{key}.dataset': dataset {settings.dataset!r} is of kind {kind}, not "
-            "planted: only a planted dataset has a true network"
+            "planted or screen: only those have a true network"
         )
 
 
@@ -860,8 +861,9 @@ def build_planted_prior(
     out: str | os.PathLike,
 ) -> dict[str, Any]:
     """The ``prior`` rule for ``source: planted``: write :func:`noisy_network` of the planted
-    dataset's ``network`` (``<name>_network.tsv``) over its genes (``<name>_genes.tsv``, column
-    ``gene``) to ``out`` (TSV: source, target, weight, sign, true; a ``#`` header), log and
+    dataset's ``network`` (``<name>_network.tsv``) over its genes (a planted dataset's
+    ``<name>_genes.tsv``, column ``gene``; a synthetic screen's ``<name>_truth.npz``, array
+    ``genes``) to ``out`` (TSV: source, target, weight, sign, true; a ``#`` header), log and
     return its counts (``true_edges``, ``kept``, ``added``, ``edges``, ``precision``,
     ``recall``)."""
     from evoformer.model.prior import read_edges
@@ -869,12 +871,17 @@ def build_planted_prior(
     if isinstance(settings, dict):
         settings = PlantedPriorSettings.from_dict(settings)
     true = read_edges(network, "planted network")
-    gene_table = pd.read_csv(genes, sep="\t", dtype={"gene": str}, keep_default_na=False)
-    if "gene" not in gene_table.columns:
-        raise InputError(f"{genes}: planted gene table has no 'gene' column")
-    table = noisy_network(
-        true, list(gene_table["gene"]), settings.drop, settings.add, settings.seed, str(network)
-    )
+    if str(genes).endswith(".npz"):
+        with np.load(genes, allow_pickle=False) as z:
+            if "genes" not in z:
+                raise InputError(f"{genes}: no 'genes' array")
+            gene_list = [str(g) for g in z["genes"]]
+    else:
+        gene_table = pd.read_csv(genes, sep="\t", dtype={"gene": str}, keep_default_na=False)
+        if "gene" not in gene_table.columns:
+            raise InputError(f"{genes}: planted gene table has no 'gene' column")
+        gene_list = list(gene_table["gene"])
+    table = noisy_network(true, gene_list, settings.drop, settings.add, settings.seed, str(network))
     kept = int(table["true"].sum())
     summary = {
         "true_edges": len(true),

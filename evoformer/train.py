@@ -1,11 +1,15 @@
-"""Train one BioFormer experiment on binned single-cell data, on 1..N processes (DDP).
+"""Train one BioFormer on binned single-cell data for one task, on 1..N processes (DDP).
 
-Read top to bottom: data (cells -> micro-batches) -> distributed helpers -> the checkpoint
-folder -> :class:`Trainer` (set-up, data, model and optimizer, resume, the loop, validation and
-early stopping, checkpoints, outputs) -> :func:`main`.
+Read top to bottom: helpers -> :class:`Trainer` (set-up, the task, model and optimizer, resume,
+the loop, validation and early stopping, checkpoints, outputs) -> :func:`main`. The trainer
+knows nothing task-specific: the task (``spec.task``, :mod:`evoformer.tasks`: masked
+expression or perturbation) gives its items, batches, model, loss and validation metrics. The
+process group is :mod:`evoformer.distributed`, the checkpoint folder :mod:`evoformer.checkpoint`.
+With ``spec.init`` (a ``model.pt``) the model starts from those weights
+(:func:`evoformer.model.saved.init_from_pretrained`: fine-tuning).
 
 Launched by ``python -m evoformer.launch`` (a thin wrapper around ``torchrun``) from the
-``train`` rule; also runs as a single process without torchrun::
+``train`` rule (and ``perturb_train``); also runs as a single process without torchrun::
 
     python -m evoformer.train --binned results/pbmc68k/hvg64/bins11 --split results/pbmc68k/split.tsv \
         --spec '{"model": {...}, "train": {...}, "fold": -1, "final": false}' \
@@ -48,28 +52,20 @@ as it was: its weights are those of a finite update.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import datetime
-import fcntl
-import gc
-import hashlib
 import json
 import logging
 import math
 import os
 import platform
-import random
 import resource
 import signal
 import socket
 import sys
-import tempfile
 import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -77,369 +73,33 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from evoformer.data.arrays import BinnedData
+from evoformer.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointFolder,
+    check_writable,
+    config_hash,
+    set_rng_state,
+)
+from evoformer.distributed import (
+    StepFlags,
+    all_reduce_,
+    close_distributed,
+    die_with_parent,
+    reduce_step,
+    setup_distributed,
+    sync,
+)
 from evoformer.errors import InputError, TrainingDiverged
 from evoformer.flops.count import StepCost, count_step
 from evoformer.flops.peaks import device_peak, throughput_fields
 from evoformer.io import atomic_path, save_torch_atomic, write_text_atomic
 from evoformer.memory.measured import record_cpu_peak
-from evoformer.memory.spec import StepSpec
-from evoformer.metrics import bin_values, metrics_from_sums, moment_sums
-from evoformer.model import (
-    BioFormer,
-    apply_value_mask,
-    count_parameters,
-    fixed_mask,
-    load_prior_network,
-    mask_generator,
-)
+from evoformer.model import count_parameters
+from evoformer.model.saved import init_from_pretrained
+from evoformer.tasks import TASKS, StepContext, TaskInputs, TaskLoss
 from evoformer.train_config import RunSpec, TrainConfig, lower_is_better
 
 log = logging.getLogger("evoformer.train")
-CHECKPOINT_FORMAT = 2
-#: ``mask_generator`` tag of the validation masks (training uses epochs >= 0, evaluation -2).
-VAL_MASK_TAG = -1
-#: Seed of the validation masks: fixed, so every grid point is validated on the same positions.
-VAL_MASK_SEED = 0
-
-
-# ----------------------------------------------------------------------------- data
-class CellBatches:
-    """Serves micro-batches of cells (or of S-cell groups) from the memory-mapped binned arrays.
-
-    Every rank opens the ``.npy`` files memory-mapped; nothing reads the h5ad. Rows are grouped
-    into MSAs of ``S`` cells (S = 1: each cell on its own); the item index is the group index.
-    """
-
-    def __init__(self, data: BinnedData, rows: np.ndarray, labels: np.ndarray, s: int) -> None:
-        self.data = data
-        n_groups = len(rows) // s
-        self.groups = rows[: n_groups * s].reshape(n_groups, s)  # [n_groups, S] row indices
-        self.labels = labels  # [N] int64, -1 = unknown
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def batch(self, items: list[int] | np.ndarray, truth: bool = False) -> dict[str, torch.Tensor]:
-        """Batch for group indices ``items``: gene_ids/values/pad_mask [B, S, L], labels [B, S];
-        with ``truth`` also ``expression [B, S, L]`` (log1p values) and ``edges [B, S, K-1]``."""
-        rows = self.groups[np.asarray(items)]  # [B, S]
-        flat = np.sort(rows.ravel())  # sorted reads are kinder to the page cache
-        order = np.argsort(np.argsort(rows.ravel()))
-        values = np.asarray(self.data.values[flat])[order].astype(np.int64)  # [B*S, L]
-        gi = self.data.gene_index
-        gene_index = (
-            np.asarray(gi[flat])[order] if gi.shape[0] > 1 else np.broadcast_to(gi, values.shape)
-        )
-        b, s = rows.shape
-        gene_index = torch.as_tensor(np.asarray(gene_index, dtype=np.int64)).view(b, s, -1)
-        out = {
-            "gene_ids": gene_index.clamp(min=0),
-            "values": torch.as_tensor(values).view(b, s, -1),
-            "pad_mask": gene_index >= 0,
-            "labels": torch.as_tensor(self.labels[rows]),
-        }
-        if truth:
-            expr = np.asarray(self.data.expression[flat], dtype=np.float32)[order]
-            edges = np.asarray(self.data.edges[flat], dtype=np.float32)[order]
-            out["expression"] = torch.as_tensor(expr).view(b, s, -1)
-            out["edges"] = torch.as_tensor(edges).view(b, s, -1)
-        return out
-
-
-class TrainBatches(torch.utils.data.Dataset):
-    """The masked micro-batches of one epoch, as a map-style dataset for a ``DataLoader``.
-
-    ``plan[i] = (items, step, micro)``: group indices of micro-batch ``i`` and where it sits in
-    training; its mask comes from ``mask_generator(seed, epoch, step, micro, rank)``, so workers,
-    prefetching and resuming mid-epoch do not change it.
-    """
-
-    def __init__(
-        self,
-        cells: CellBatches,
-        plan: list[tuple[np.ndarray, int, int]],
-        cfg: TrainConfig,
-        n_bins: int,
-        epoch: int,
-        rank: int,
-        with_labels: bool,
-    ) -> None:
-        self.cells, self.plan, self.cfg = cells, plan, cfg
-        self.n_bins, self.epoch, self.rank, self.with_labels = n_bins, epoch, rank, with_labels
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        items, step, micro = self.plan[i]
-        batch = self.cells.batch(items)
-        gen = mask_generator(self.cfg.seed, self.epoch, step, micro, self.rank)
-        values, loss_mask = apply_value_mask(
-            batch["values"],
-            batch["pad_mask"],
-            self.cfg.mask_ratio,
-            self.n_bins,
-            gen,
-            self.cfg.mask_nonzero_fraction,
-        )
-        batch = {**batch, "values": values, "target": batch["values"], "loss_mask": loss_mask}
-        if not self.with_labels:
-            batch.pop("labels")
-        return batch
-
-
-def select_rows(
-    split: pd.DataFrame, cells: pd.DataFrame, fold: int, final: bool
-) -> dict[str, np.ndarray]:
-    """Row indices (into the binned arrays) of the training and validation cells.
-
-    fold = -1: train on ``split == train``, validate on ``split == val``.
-    fold = k >= 0: cross-validation; train on train+val cells with ``fold != k``, validate on ``fold == k``.
-    final: train on all train+val cells, no validation (the retrain of the selected grid point).
-    Test cells are never returned.
-    """
-    row_of = pd.Series(np.arange(len(cells)), index=cells["cell_id"].astype(str))
-    split = split.assign(cell_id=split["cell_id"].astype(str))
-    split = split[split["cell_id"].isin(row_of.index)]
-    trval = split[split["split"].isin(["train", "val"])]
-    if final:
-        tr, va = trval, trval.iloc[:0]
-    elif fold >= 0:
-        if not (trval["fold"] == fold).any():
-            raise InputError(
-                f"split table has no cells in fold {fold} (is split.n_folds > {fold}?)"
-            )
-        tr, va = trval[trval["fold"] != fold], trval[trval["fold"] == fold]
-    else:
-        tr, va = split[split["split"] == "train"], split[split["split"] == "val"]
-    return {"train": row_of[tr["cell_id"]].to_numpy(), "val": row_of[va["cell_id"]].to_numpy()}
-
-
-def label_codes(cells: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
-    """Integer label per row (-1 where unknown or no label column) and the sorted label names."""
-    if "label" not in cells:
-        return np.full(len(cells), -1, dtype=np.int64), []
-    lab = cells["label"]
-    names = sorted(lab.dropna().astype(str).unique())
-    code = {n: i for i, n in enumerate(names)}
-    return np.array([code.get(str(x), -1) if pd.notna(x) else -1 for x in lab], np.int64), names
-
-
-# ----------------------------------------------------------------------------- distributed
-def setup_distributed(timeout_s: int) -> tuple[int, int, torch.device]:
-    """Init the process group from torchrun's env (NCCL on CUDA, gloo on CPU); (rank, world, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return rank, world, device
-
-
-def all_reduce_(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op)
-    return t
-
-
-class StepFlags(NamedTuple):
-    """What every rank learns from the one collective of an optimizer step."""
-
-    loss: float  # mean over the ranks
-    finite: bool  # loss and gradient norm finite on every rank
-    save: bool  # a rank got SIGUSR1 or SIGTERM: checkpoint
-    stop: bool  # a rank got SIGTERM: checkpoint and stop
-
-
-def reduce_step(
-    loss: torch.Tensor, grad_norm: torch.Tensor, signals: tuple[float, float]
-) -> StepFlags:
-    """One all-reduce per step, before the update: the local loss (scalar), whether it and the
-    gradient norm (scalar) are finite, and this rank's signal flags (save, stop), so that all
-    ranks skip a non-finite step, checkpoint and stop together."""
-    bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-    t = torch.stack([loss.detach().double(), bad.double()])
-    t = all_reduce_(torch.cat([t, torch.tensor(signals, dtype=torch.float64, device=t.device)]))
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    v = t.tolist()
-    return StepFlags(v[0] / world, v[1] == 0, v[2] > 0, v[3] > 0)
-
-
-def close_distributed() -> None:
-    """Destroy the process group once nothing else holds it.
-
-    Call after dropping the DDP model: its reducer holds the process group, and a gloo group
-    freed through the reducer's Python object is destroyed with the GIL held, which deadlocks
-    with gloo's worker threads freeing the last collective's tensors (they need the GIL).
-    ``destroy_process_group`` frees it with the GIL released.
-    """
-    gc.collect()  # the DDP wrapper may sit in reference cycles
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def die_with_parent() -> None:
-    """Ask Linux to send this process SIGTERM when its parent (torchrun) dies, so a training
-    process never outlives its launcher (it then checkpoints and stops, as on any SIGTERM)."""
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ----------------------------------------------------------------------------- checkpoint folder
-def config_hash(spec: dict[str, Any], data_meta: dict[str, Any], world: int) -> str:
-    """What a checkpoint must match to be resumed: model/train config, data shape, world size."""
-    key = {"spec": spec, "data": data_meta, "world_size": world, "format": CHECKPOINT_FORMAT}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def check_writable(folder: Path, what: str) -> None:
-    """Create ``folder`` and write a probe file in it; InputError naming it if that fails."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
-            pass
-    except OSError as e:
-        raise InputError(
-            f"{what} {folder} is not writable ({e.strerror or type(e).__name__})"
-        ) from e
-
-
-class CheckpointFolder:
-    """``last.pt``, ``best.pt`` and the ``lock`` of one training run (see the module docstring)."""
-
-    def __init__(self, path: Path, rank: int) -> None:
-        self.path = Path(path)
-        self.rank = rank
-        self.last = self.path / "last.pt"
-        self.best = self.path / "best.pt"
-        self._lock_file: Any = None
-
-    def lock(self) -> None:
-        """Rank 0 takes an exclusive lock for the run's lifetime (released when it exits)."""
-        if self.rank != 0:
-            return
-        f = open(self.path / "lock", "a+")  # noqa: SIM115 - held open until the process exits
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-            raise InputError(
-                f"checkpoint folder {self.path} is in use by another training ({holder}); "
-                "stop that one (or wait for it) before starting this one"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"PID {os.getpid()} on host {socket.gethostname()}\n")
-        f.flush()
-        self._lock_file = f
-
-    def unlock(self) -> None:
-        """Release the lock before the process ends (a run that stopped on divergence)."""
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
-
-    def load(self, expected_hash: str) -> dict[str, Any] | None:
-        """``last.pt`` if it was written for this configuration. One written for another is moved
-        aside to ``last.<its hash>.pt`` (kept) and None returned; a corrupt one stops the run.
-        Every rank reads, all ranks meet at a barrier, and only then does rank 0 move files (so
-        no rank reads a file another has already moved)."""
-        ckpt = None
-        exists = self.last.exists()
-        if exists:
-            try:
-                ckpt = torch.load(self.last, map_location="cpu", weights_only=False)
-            except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
-                raise InputError(
-                    f"checkpoint {self.last} is corrupt ({type(e).__name__}); delete it to restart"
-                ) from e
-        if dist.is_initialized():
-            dist.barrier()
-        if exists:
-            got = ckpt.get("config_hash") if isinstance(ckpt, dict) else None
-            if got != expected_hash:
-                ckpt = None
-                if self.rank == 0:
-                    aside = self.path / f"last.{got or 'unknown'}.pt"
-                    os.replace(self.last, aside)
-                    self.best.unlink(missing_ok=True)
-                    log.warning(
-                        "checkpoint %s was written for other settings (hash %s, this run %s): "
-                        "moved to %s, starting afresh",
-                        self.last,
-                        got,
-                        expected_hash,
-                        aside,
-                    )
-        if dist.is_initialized():
-            dist.barrier()
-        return ckpt
-
-    def save(self, state: dict[str, Any], device: torch.device) -> None:
-        """Gather every rank's RNG state and write ``last.pt`` atomically from rank 0."""
-        states = [None] * dist.get_world_size() if dist.is_initialized() else None
-        if states is not None:
-            dist.all_gather_object(states, rng_state(device))
-        else:
-            states = [rng_state(device)]
-        if self.rank == 0:
-            save_torch_atomic({**state, "rng": states}, self.last)
-        if dist.is_initialized():
-            dist.barrier()
-
-    def save_best(self, weights: dict[str, torch.Tensor]) -> None:
-        if self.rank == 0:
-            save_torch_atomic(weights, self.best)
-
-    def load_best(self) -> dict[str, torch.Tensor]:
-        try:
-            return torch.load(self.best, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise InputError(f"checkpoint {self.best} is corrupt ({type(e).__name__})") from e
-
-    def finish(self) -> None:
-        """The run's outputs are written: a later rerun (e.g. new code) starts afresh."""
-        if self.rank == 0:
-            self.last.unlink(missing_ok=True)
-            self.best.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -463,17 +123,6 @@ class SignalFlags:
         flags = float(self.save), float(self.stop)
         self.save = self.stop = False
         return flags
-
-
-class LossForward(torch.nn.Module):
-    """``forward(batch) = model.loss(batch)``: lets DDP see (and all-reduce) the whole loss graph."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        return self.model.loss_terms(batch)
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -509,7 +158,7 @@ def system_info(device: torch.device, world: int) -> dict[str, Any]:
     }
 
 
-def plot_learning_curve(metrics: pd.DataFrame, monitor: str, path: Path) -> None:
+def plot_learning_curve(metrics: pd.DataFrame, monitor: str, loss_label: str, path: Path) -> None:
     """Training and validation loss (left) and the monitored validation metric (right)."""
     from matplotlib.figure import Figure  # no pyplot: no backend state, 0.7 s less to import
 
@@ -523,7 +172,7 @@ def plot_learning_curve(metrics: pd.DataFrame, monitor: str, path: Path) -> None
         ax.plot(va["step"], va["val_loss"], "o-", label="validation loss")
         ax_m.plot(va["step"], va[monitor], "o-", color="C2")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("masked-value loss (bin space)")
+    ax.set_ylabel(loss_label)
     ax.legend()
     ax_m.set_xlabel("optimizer step")
     ax_m.set_ylabel(monitor + " (expression space)" if "expr" in monitor else monitor)
@@ -537,9 +186,7 @@ class Trainer:
     """One training run: ``Trainer(...).run()``. The constructor does the set-up (settings,
     processes, data, model and optimizer, resume); :meth:`run` is the loop and the outputs."""
 
-    def __init__(
-        self, binned: Path, split_path: Path, spec: RunSpec, out: Path, ckpt_dir: Path
-    ) -> None:
+    def __init__(self, inputs: TaskInputs, spec: RunSpec, out: Path, ckpt_dir: Path) -> None:
         self.spec, self.cfg, self.out = spec, spec.train, Path(out)
         self.rank, self.world, self.device = setup_distributed(self.cfg.dist_timeout_s)
         self.accum = self.cfg.grad_accumulation(self.world)
@@ -570,31 +217,28 @@ class Trainer:
                 self.precision,
                 self.accum,
             )
-        self._load_data(binned, split_path)
+        self.context = StepContext(
+            self.device, self.rank, self.world, self.autocast, self.cfg.micro_batch_size
+        )
+        self._load_data(inputs)
         self._build_model()
         self._resume()
         self.step_cost = self._count_flops() if self.rank == 0 else None
 
     # ------------------------------------------------------------------ set-up
-    def _load_data(self, binned: Path, split_path: Path) -> None:
-        """Memory-mapped arrays; the rows of this run's training and validation cells."""
+    def _load_data(self, inputs: TaskInputs) -> None:
+        """The task (its data: memory-mapped arrays, this run's training and validation
+        items); the sampler and the number of steps."""
         cfg, spec = self.cfg, self.spec
-        self.data = BinnedData.open(binned)
-        self.n_bins = int(self.data.meta["n_bins"])
-        labels, self.label_names = label_codes(self.data.cells)
-        rows = select_rows(
-            pd.read_csv(split_path, sep="\t"), self.data.cells, spec.fold, spec.final
-        )
-        s = spec.model.n_cells_per_msa
-        self.train_cells = CellBatches(self.data, rows["train"], labels, s)
-        self.val_cells = CellBatches(self.data, rows["val"], labels, s)
-        if len(self.train_cells) < cfg.micro_batch_size * self.world:
+        self.task = TASKS[spec.task](spec, inputs)
+        n_items = self.task.n_train_items
+        if n_items < cfg.micro_batch_size * self.world:
             raise InputError(
-                f"{split_path}: {len(self.train_cells)} training items is fewer than one global "
+                f"{inputs.split}: {n_items} training items is fewer than one global "
                 f"micro-batch ({cfg.micro_batch_size} x {self.world} processes)"
             )
         self.sampler = torch.utils.data.DistributedSampler(
-            range(len(self.train_cells)),
+            range(n_items),
             num_replicas=self.world,
             rank=self.rank,
             shuffle=True,
@@ -605,7 +249,7 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise InputError(
                 f"train.global_batch_size {cfg.global_batch_size} exceeds the "
-                f"{len(self.train_cells)} training items"
+                f"{n_items} training items"
             )
         if spec.final and spec.final_epochs is not None:
             total = max(1, round(spec.final_epochs * self.steps_per_epoch))
@@ -618,28 +262,15 @@ class Trainer:
         """BioFormer (DDP-wrapped with > 1 process), AdamW and the warmup-cosine schedule."""
         cfg, spec = self.cfg, self.spec
         torch.manual_seed(cfg.seed)
-        self.n_labels = len(self.label_names) if cfg.label_head else 0
-        if cfg.label_head and not self.n_labels:
-            raise InputError(
-                f"train.label_head is true but {self.data.folder}/cells.tsv has no label column"
-            )
-        prior = None
-        if spec.prior is not None:
-            genes = self.data.genes["gene_id"].astype(str).tolist()
-            prior = load_prior_network(spec.prior.path, genes, spec.prior.min_gene_share)
-        self.raw_model = BioFormer(
-            spec.model,
-            n_genes=len(self.data.genes),
-            n_bins=self.n_bins,
-            n_labels=self.n_labels,
-            prior=prior,
-            prior_mode=spec.prior.mode if spec.prior is not None else "init",
-        )
+        self.raw_model = self.task.build_model()
+        self.init_report = None
+        if spec.init is not None:
+            self.init_report = init_from_pretrained(self.raw_model, spec.init, self.task.genes)
         self.raw_model.to(self.device)
         # DDP only synchronises gradients of computations run through its forward, so the loss
         # is computed inside forward by a thin wrapper: model(batch) -> (loss, metrics).
         inner = torch.compile(self.raw_model) if cfg.compile else self.raw_model
-        self.model: torch.nn.Module = LossForward(inner)
+        self.model: torch.nn.Module = TaskLoss(inner, self.task)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DDP(self.model, device_ids=ids)
@@ -654,17 +285,7 @@ class Trainer:
         """The model FLOPs of one micro-batch, counted once on fake tensors (:mod:`evoformer.flops`)
         for this run's shapes, precision and device; None (with a warning) if counting fails:
         the accounting never stops a training."""
-        spec = StepSpec(
-            model=self.spec.model,
-            batch_size=self.cfg.micro_batch_size,
-            seq_len=int(self.data.values.shape[1]),
-            n_genes=len(self.data.genes),
-            n_bins=self.n_bins,
-            n_labels=self.n_labels,
-            precision=self.precision,
-            device=self.device.type,
-            prior=self.spec.prior is not None,
-        )
+        spec = self.task.step_spec(self.cfg.micro_batch_size, self.precision, self.device.type)
         try:
             cost = count_step(spec, traffic=False)
         except Exception as exc:  # noqa: BLE001 - reported, not fatal
@@ -682,7 +303,7 @@ class Trainer:
 
     def _resume(self) -> None:
         """Continue from ``last.pt`` when it matches these settings; else start at step 0."""
-        self.chash = config_hash(self.spec.to_dict(), self.data.meta, self.world)
+        self.chash = config_hash(self.spec.to_dict(), self.task.data_meta, self.world)
         self.step, self.history = 0, []
         self.timers = {"batch": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
         self.samples_done, self.train_time = 0, 0.0
@@ -750,9 +371,7 @@ class Trainer:
                 i0 = (s * self.accum + micro) * cfg.micro_batch_size
                 step = epoch * self.steps_per_epoch + s
                 plan.append((order[i0 : i0 + cfg.micro_batch_size], step, micro))
-        ds = TrainBatches(
-            self.train_cells, plan, cfg, self.n_bins, epoch, self.rank, self.n_labels > 0
-        )
+        ds = self.task.epoch_batches(plan, epoch, self.rank)
         workers = cfg.loader_workers
         return torch.utils.data.DataLoader(
             ds,
@@ -803,7 +422,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     self._log_train(epoch, window, grad_norm)
                     window = {"loss": 0.0, "n": 0, "t": 0.0, "samples": 0, "timed": 0}
-                if len(self.val_cells) and (
+                if self.task.n_val_items and (
                     self.step % self.val_every == 0 or self.step == self.total_steps
                 ):
                     self._validate_and_track(epoch)
@@ -967,57 +586,10 @@ class Trainer:
     # ------------------------------------------------------------------ validation, early stop
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Masked-value metrics on this rank's shard of the validation cells, all-reduced.
-
-        The mask of validation group ``i`` is ``fixed_mask(..., VAL_MASK_SEED, VAL_MASK_TAG, i)``
-        with ``spec.val_mask_ratio``: the same positions at every validation, for every grid
-        point, batch size and number of processes. Returns ``val_loss``, ``val_bin_acc`` (bin
-        space) and ``val_expr_*`` (expression space, see :mod:`evoformer.metrics`).
-        """
-        model, cells = self.raw_model, self.val_cells
-        model.eval()
-        # loss*n, correct, n, then moment sums (pred, true) over all and non-zero positions
-        sums = torch.zeros(15, dtype=torch.float64)
-        idx = np.arange(self.rank, len(cells), self.world)
-        for i in range(0, len(idx), self.cfg.micro_batch_size):
-            items = idx[i : i + self.cfg.micro_batch_size]
-            batch = cells.batch(items, truth=True)
-            values, loss_mask = fixed_mask(
-                batch["values"],
-                batch["pad_mask"],
-                self.spec.val_mask_ratio,
-                self.n_bins,
-                VAL_MASK_SEED,
-                VAL_MASK_TAG,
-                items,
-            )
-            with self.autocast:
-                out = model(
-                    batch["gene_ids"].to(self.device),
-                    values.to(self.device),
-                    batch["pad_mask"].to(self.device),
-                )
-            pred = out["pred"].float().cpu()
-            per, hit = model.value_terms(pred, batch["values"])
-            expr, _ = model.decode_expression(pred, bin_values(batch["edges"]))
-            lm = loss_mask
-            true = batch["expression"][lm].double()
-            nz = true > 0
-            sums += torch.cat(
-                [
-                    torch.stack(
-                        [per[lm].double().sum(), hit[lm].double().sum(), lm.sum().double()]
-                    ),
-                    moment_sums(expr[lm], true),
-                    moment_sums(expr[lm][nz], true[nz]),
-                ]
-            )
-        sums = all_reduce_(sums.to(self.device)).cpu()
-        model.train()
-        n = max(sums[2].item(), 1.0)
-        out = {"val_loss": sums[0].item() / n, "val_bin_acc": sums[1].item() / n}
-        expr = metrics_from_sums({"all": sums[3:9].numpy(), "nonzero": sums[9:15].numpy()})
-        out.update({f"val_{k}": v for k, v in expr.items()})
+        """The task's validation metrics (all-reduced), the model in eval mode meanwhile."""
+        self.raw_model.eval()
+        out = self.task.validate(self.raw_model, self.context)
+        self.raw_model.train()
         return out
 
     def _validate_and_track(self, epoch: int) -> None:
@@ -1040,14 +612,10 @@ class Trainer:
             self.best["since"] += 1
         if self.rank == 0:
             log.info(
-                "Validation at step %d (epoch %d) | loss %.4f | bin accuracy %.4f | "
-                "expr MSE %.4f (non-zero %.4f) | %s %.4f%s",
+                "Validation at step %d (epoch %d) | %s | %s %.4f%s",
                 self.step,
                 epoch,
-                v["val_loss"],
-                v["val_bin_acc"],
-                v["val_expr_mse"],
-                v["val_expr_mse_nonzero"],
+                self.task.validation_line(v),
                 cfg.monitor,
                 value,
                 " (best)" if improved else f" (best {best:.4f} at step {self.best['step']})",
@@ -1128,7 +696,7 @@ class Trainer:
         metrics = pd.DataFrame(self.history)
         with atomic_path(out / "metrics.tsv") as tmp:
             metrics.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-        plot_learning_curve(metrics, cfg.monitor, out / "learning_curve.png")
+        plot_learning_curve(metrics, cfg.monitor, self.task.loss_label, out / "learning_curve.png")
         n = max(self.step - self.measured_steps, 1)
         n_params = count_parameters(self.raw_model)["total"]
         selection = {
@@ -1173,6 +741,9 @@ class Trainer:
             },
             "system": system_info(self.device, self.world),
         }
+        summary["task"] = spec.task
+        if self.init_report is not None:
+            summary["init"] = self.init_report
         write_text_atomic(out / "performance_summary.json", json.dumps(summary, indent=2) + "\n")
         run_info = {
             "SLURM_JOB_ID": os.environ.get("SLURM_JOB_ID"),
@@ -1181,17 +752,15 @@ class Trainer:
             "steps": self.step,
             **selection,
             "config_hash": self.chash,
-            "n_train_items": len(self.train_cells),
-            "n_val_items": len(self.val_cells),
+            "n_train_items": self.task.n_train_items,
+            "n_val_items": self.task.n_val_items,
         }
         write_text_atomic(out / "run_info.json", json.dumps(run_info, indent=2) + "\n")
         model_file = {
             "model": weights,
             "model_config": spec.model.to_dict(),
-            "n_genes": len(self.data.genes),
-            "n_bins": self.n_bins,
-            "n_labels": self.n_labels,
-            "label_names": self.label_names,
+            "task": spec.task,
+            **self.task.model_file(),
             "train_config": cfg.to_dict(),
             "selected_step": selected_step,
             "n_parameters": n_params,
@@ -1221,12 +790,19 @@ def apply_preflight(spec: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def train(
-    binned: Path, split_path: Path, spec: dict[str, Any] | RunSpec, out: Path, ckpt_dir: Path
+    binned: Path,
+    split_path: Path,
+    spec: dict[str, Any] | RunSpec,
+    out: Path,
+    ckpt_dir: Path,
+    hvg: Path | None = None,
 ) -> None:
-    """Run (or resume) one training run; see the module docstring for inputs and outputs."""
+    """Run (or resume) one training run; see the module docstring for inputs and outputs.
+    ``hvg``: the HVG h5ad (the perturbation task reads the perturbation types)."""
     if not isinstance(spec, RunSpec):
         spec = RunSpec.from_dict(spec)
-    Trainer(Path(binned), Path(split_path), spec, Path(out), Path(ckpt_dir)).run()
+    inputs = TaskInputs(Path(binned), Path(split_path), None if hvg is None else Path(hvg))
+    Trainer(inputs, spec, Path(out), Path(ckpt_dir)).run()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1234,7 +810,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--binned", type=Path, required=True, help="binned data folder (bin rule output)"
     )
-    p.add_argument("--split", type=Path, required=True, help="split.tsv (split rule output)")
+    p.add_argument(
+        "--split", type=Path, required=True, help="split.tsv (split or perturb_split output)"
+    )
+    p.add_argument("--hvg", type=Path, help="hvg.h5ad (perturbation task: perturbation types)")
     p.add_argument(
         "--spec", required=True, help="JSON: {model: {...}, train: {...}, fold, final, prior}"
     )
@@ -1261,7 +840,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if a.preflight is not None:
             spec = apply_preflight(spec, a.preflight)
-        train(a.binned, a.split, RunSpec.from_dict(spec), a.out, a.ckpt_dir)
+        train(a.binned, a.split, RunSpec.from_dict(spec), a.out, a.ckpt_dir, a.hvg)
     except InputError as e:
         if isinstance(e, TrainingDiverged) and rank != "0":
             raise SystemExit(1) from None  # every rank stops at the same step; rank 0 says why

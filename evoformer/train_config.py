@@ -26,6 +26,13 @@ VALIDATION_METRICS = (
 )
 #: Validation metrics that are not comparable between models with different n_bins or loss.
 BIN_SPACE_METRICS = ("val_loss", "val_bin_acc")
+#: The tasks (:mod:`evoformer.tasks`) and the validation metrics each computes.
+TASK_METRICS = {
+    "masked_expression": VALIDATION_METRICS,
+    "perturbation": ("val_loss", "val_mse", "val_pearson_delta"),
+}
+#: Where a perturbation model starts: fresh weights, or a masked-expression model's.
+INITS = ("scratch", "pretrained")
 
 
 def lower_is_better(metric: str) -> bool:
@@ -33,7 +40,7 @@ def lower_is_better(metric: str) -> bool:
     name = metric.removeprefix("val_")
     if name in LOWER_IS_BETTER:
         return LOWER_IS_BETTER[name]
-    return name in ("loss",)
+    return name in ("loss", "mse")
 
 
 @dataclass
@@ -154,8 +161,9 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "min_delta"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
-        if self.monitor not in VALIDATION_METRICS:
-            raise bad("monitor", f"must be one of {', '.join(VALIDATION_METRICS)}")
+        known = sorted({m for metrics in TASK_METRICS.values() for m in metrics})
+        if self.monitor not in known:
+            raise bad("monitor", f"must be one of {', '.join(known)}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise bad("peak_tflops", "must be > 0 or null")
 
@@ -212,6 +220,37 @@ class PriorConfig:
 
 
 @dataclass
+class PerturbationSettings:
+    """What the perturbation task adds to a training (:mod:`evoformer.tasks.perturbation`).
+
+    ``target``: ``mean`` (the condition's mean over its training cells; default) or ``cell``
+    (the item's own perturbed cell). ``n_eval_controls``: training controls a condition's
+    prediction averages over (validation and test).
+    """
+
+    target: str = "mean"
+    n_eval_controls: int = 32
+
+    @classmethod
+    def from_dict(
+        cls, d: dict[str, Any] | None, where: str = "perturbation.model"
+    ) -> PerturbationSettings:
+        s = from_plain(cls, d, where)
+        if s.target not in ("mean", "cell"):
+            raise InputError(
+                f"config key '{where}.target': got {s.target!r}, expected mean or cell"
+            )
+        if s.n_eval_controls < 1:
+            raise InputError(
+                f"config key '{where}.n_eval_controls': got {s.n_eval_controls!r}, expected >= 1"
+            )
+        return s
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class RunSpec:
     """Everything one training job needs besides its data files.
 
@@ -224,6 +263,9 @@ class RunSpec:
             evaluation's ``mask_ratio``: the same positions for every grid point).
         final_epochs: for ``final``, the epochs to train (mean best epoch of the CV folds, as
             chosen by early stopping); None = ``train.epochs``.
+        task: ``masked_expression`` or ``perturbation`` (:data:`TASK_METRICS`).
+        perturbation: the perturbation task's settings (that task only).
+        init: a ``model.pt`` whose weights the model starts from (fine-tuning), or None.
     """
 
     model: ModelConfig
@@ -233,6 +275,9 @@ class RunSpec:
     prior: PriorConfig | None = None
     val_mask_ratio: float = 0.15
     final_epochs: float | None = None
+    task: str = "masked_expression"
+    perturbation: PerturbationSettings | None = None
+    init: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "spec") -> RunSpec:
@@ -241,13 +286,26 @@ class RunSpec:
         model = ModelConfig.from_dict(d.pop("model", None))
         train = TrainConfig.from_dict(d.pop("train", None), "experiment.train")
         prior = d.pop("prior", None)
+        perturbation = d.pop("perturbation", None)
         rest = from_plain(_RunFields, d, where)
         spec = cls(
             model=model,
             train=train,
             prior=None if prior is None else from_plain(PriorConfig, prior, "experiment.prior"),
+            perturbation=None
+            if perturbation is None
+            else PerturbationSettings.from_dict(perturbation),
             **dataclasses.asdict(rest),
         )
+        if spec.task not in TASK_METRICS:
+            raise InputError(
+                f"{where}.task: got {spec.task!r}, expected one of {', '.join(TASK_METRICS)}"
+            )
+        if spec.train.monitor not in TASK_METRICS[spec.task]:
+            raise InputError(
+                f"config key 'train.monitor': {spec.train.monitor!r} is not a validation metric "
+                f"of the {spec.task} task ({', '.join(TASK_METRICS[spec.task])})"
+            )
         if not 0.0 < spec.val_mask_ratio < 1.0:
             raise InputError("config key 'evaluation.mask_ratio' must be in (0, 1)")
         if spec.prior is not None and not model.uses_pair:
@@ -258,7 +316,13 @@ class RunSpec:
         return spec
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "train": self.train.to_dict()}
+        """Plain dict; the task fields are left out at their masked-expression defaults, so a
+        masked-expression run's spec (and config hash) is what it was before tasks existed."""
+        d = {**dataclasses.asdict(self), "train": self.train.to_dict()}
+        for key, default in (("task", "masked_expression"), ("perturbation", None), ("init", None)):
+            if d[key] == default:
+                del d[key]
+        return d
 
 
 @dataclass
@@ -269,3 +333,5 @@ class _RunFields:
     final: bool = False
     val_mask_ratio: float = 0.15
     final_epochs: float | None = None
+    task: str = "masked_expression"
+    init: str | None = None

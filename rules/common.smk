@@ -18,6 +18,7 @@ from evoformer.data.planted import planted_paths, resolve_planted_params
 from evoformer.errors import InputError
 from evoformer.memory.spec import MEMORY_TRAIN_KEYS
 from evoformer.perturb.evaluate import PerturbEvalParams
+from evoformer.perturb import models as perturb_models
 from evoformer.perturb.layouts import PerturbSpec
 from evoformer.perturb.screen import resolve_screen_params
 from evoformer.perturb.splits import PerturbSplitParams
@@ -196,6 +197,111 @@ def check_perturbation():
     for name, split in p["splits"].items():
         PerturbSplitParams.from_dict(split, f"perturbation.splits.{name}")
     PerturbEvalParams.from_dict(p.get("evaluation"), "perturbation.evaluation")
+    if perturb_models.has_model(config):
+        if not config["binning"]["include_zero_genes"]:
+            raise InputError(
+                "binning.include_zero_genes: the perturbation model needs every gene as a "
+                "token (true)"
+            )
+        perturb_models.check(config)
+        experiments.source_priors(config)
+
+
+# ------------------------------------------------------------------ the perturbation models
+def perturb_model_points():
+    """Grid point id -> grid point of the perturbation models (empty without a model)."""
+    if "perturbation" not in tasks():
+        return {}
+    return {perturb_models.point_id(p): p for p in perturb_models.model_grid(config)}
+
+
+def perturb_point(wildcards):
+    return perturb_model_points()[wildcards.model]
+
+
+def perturb_pretrain_points():
+    """Pretraining id -> the grid point it is pretrained for (one per model settings)."""
+    out = {}
+    for p in perturb_model_points().values():
+        if perturb_models.is_pretrained(config, p):
+            pre = perturb_models.pretrain_point(p)
+            out.setdefault(perturb_models.point_id(pre), p)
+    return out
+
+
+def perturb_pretrained_model(wildcards):
+    """The pretrained model.pt a grid point of one split starts from ([] for init scratch)."""
+    point = perturb_point(wildcards)
+    if not perturb_models.is_pretrained(config, point):
+        return []
+    pre = perturb_models.point_id(perturb_models.pretrain_point(point))
+    return [f"{perturbation_dir()}/{wildcards.split}/pretrain/{pre}/train/model.pt"]
+
+
+def perturb_train_spec(wildcards):
+    """The plain spec of one perturbation model of one split (its only config)."""
+    pre = perturb_pretrained_model(wildcards)
+    spec = perturb_models.run_spec(
+        config, perturb_point(wildcards), pre[0] if pre else None
+    )
+    return canonical(spec)
+
+
+def perturb_pretrain_spec(wildcards):
+    point = perturb_pretrain_points()[wildcards.pre]
+    return canonical(perturb_models.pretrain_spec(config, point))
+
+
+def perturb_prior_input(wildcards, point):
+    prior = perturb_models.point_prior(config, point)
+    return [prior["path"]] if prior else []
+
+
+def perturbation_binned_dir():
+    p = config["perturbation"]
+    return binned_dir(p["dataset"], p["n_hvg"], p["n_bins"])
+
+
+def perturbation_binned_files():
+    p = config["perturbation"]
+    return binned_files(p["dataset"], p["n_hvg"], p["n_bins"])
+
+
+def perturb_prediction_files(split):
+    """The test predictions of every perturbation model of a split."""
+    return [
+        f"{perturbation_dir()}/{split}/models/{m}/predictions.tsv"
+        for m in perturb_model_points()
+    ]
+
+
+def perturb_methods():
+    """Grid point id -> the method's name in the tables."""
+    return {
+        m: perturb_models.method_name(p, config)
+        for m, p in perturb_model_points().items()
+    }
+
+
+def perturb_preflight_params(wildcards):
+    """What the pre-flight of a perturbation model reads (as preflight_params does)."""
+    p = config["perturbation"]
+    spec = perturb_models.run_spec(
+        config, perturb_point(wildcards), "pretrained model (not read)"
+    )
+    return canonical(
+        {
+            "model": spec["model"],
+            "train": {k: v for k, v in spec["train"].items() if k in MEMORY_TRAIN_KEYS},
+            "n_hvg": int(p["n_hvg"]),
+            "n_bins": int(p["n_bins"]),
+            "include_zero_genes": True,
+            "prior": spec.get("prior") is not None,
+            **({"prior_mode": spec["prior"]["mode"]} if spec.get("prior") else {}),
+            "task": "perturbation",
+            **config["memory"],
+        }
+    )
 
 
 def hvg_config():
@@ -428,6 +534,11 @@ def prior_source_inputs(wildcards):
     settings = prior_settings(wildcards.prior_name)
     if not isinstance(settings, priors.PlantedPriorSettings):
         return {}
+    if config["datasets"][settings.dataset]["kind"] == "screen":
+        return {
+            "network": screen_side_file(settings.dataset, "network")[0],
+            "genes": screen_side_file(settings.dataset, "truth")[0],
+        }
     _, network, genes = planted_paths(f"{PLANTED_DIR}/{settings.dataset}.h5ad")
     return {"network": str(network), "genes": str(genes)}
 

@@ -64,6 +64,8 @@ rule perturb_evaluate:
         hvg="results/{dataset}/hvg{n_hvg}/hvg.h5ad",
         split="results/{dataset}/hvg{n_hvg}/perturbation/{split}/split.tsv",
         truth=lambda wc: screen_side_file(wc.dataset, "truth"),
+        # the perturbation models' predictions of this split's test conditions (if any)
+        predictions=lambda wc: perturb_prediction_files(wc.split),
     output:
         subgroups="results/{dataset}/hvg{n_hvg}/perturbation/{split}/eval/subgroups.tsv",
         per_condition="results/{dataset}/hvg{n_hvg}/perturbation/{split}/eval/per_condition.tsv",
@@ -83,6 +85,7 @@ rule perturb_evaluate:
         ),
     params:
         evaluation=lambda wc: perturbation_config()["evaluation"],
+        methods=lambda wc: list(perturb_methods().values()),
     script:
         "../workflow_scripts/perturb_evaluate.py"
 

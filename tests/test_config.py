@@ -37,9 +37,11 @@ def test_schema_lists_exactly_the_dataclass_keys() -> None:
     assert set(evaluation) == names(EvalParams, ("fold", "final"))
     train_enum = defs["train"]["properties"]["monitor"]["enum"]
     cv_enum = SCHEMA["properties"]["cv"]["properties"]["selection_metric"]["enum"]
-    from evoformer.train_config import VALIDATION_METRICS
+    from evoformer.train_config import TASK_METRICS, VALIDATION_METRICS
 
-    assert list(train_enum) == list(cv_enum) == list(VALIDATION_METRICS)
+    assert list(cv_enum) == list(VALIDATION_METRICS)
+    every = [m for metrics in TASK_METRICS.values() for m in metrics]
+    assert list(train_enum) == list(dict.fromkeys(every))
 
 
 def test_schema_states_the_memory_defaults_of_the_preflight() -> None:
@@ -225,6 +227,17 @@ def test_schema_lists_exactly_the_perturbation_benchmark_keys() -> None:
     fractions = split["properties"]["control_fractions"]["properties"]
     assert set(fractions) == names(ControlFractions)
     assert set(section["evaluation"]["properties"]) == names(PerturbEvalParams)
+    from evoformer.train_config import PerturbationSettings
+
+    # the perturbation model: its task settings beside model/train/init/prior/pretrain/sweep
+    model_keys = {"model", "train", "init", "prior", "pretrain", "sweep"}
+    assert names(PerturbationSettings) <= set(section)
+    assert set(section) == {"dataset", "n_hvg", "n_bins", "splits", "evaluation"} | model_keys | (
+        names(PerturbationSettings)
+    )
+    for key in names(PerturbationSettings):
+        default = dataclasses.asdict(PerturbationSettings())[key]
+        assert section[key]["default"] == default, key
 
 
 def test_peak_tflops_is_checked_and_left_out_of_the_spec_when_unset() -> None:

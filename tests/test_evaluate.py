@@ -26,7 +26,7 @@ from evoformer.evaluate import (
 )
 from evoformer.metrics import EXPR_METRICS
 from evoformer.model import BioFormer, ModelConfig, fixed_mask
-from evoformer.train import label_codes, select_rows
+from evoformer.tasks.masked import label_codes, select_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 N_GENES, N_BINS = 10, 5

@@ -262,7 +262,7 @@ def test_sigusr1_checkpoints_and_continues(pbmc, tmp_path: Path) -> None:
 
 
 def test_corrupt_checkpoints_stop_and_foreign_ones_are_moved_aside(pbmc, tmp_path: Path) -> None:
-    from evoformer.train import CheckpointFolder
+    from evoformer.checkpoint import CheckpointFolder
 
     folder = CheckpointFolder(tmp_path / "c", rank=0)
     folder.path.mkdir()

@@ -204,7 +204,7 @@ def test_two_processes_agree_when_only_one_sees_a_nonfinite_loss(pbmc, tmp_path:
 
 
 def test_the_step_collective_flags_a_nonfinite_value() -> None:
-    from evoformer.train import reduce_step
+    from evoformer.distributed import reduce_step
 
     one, nan = torch.tensor(1.0), torch.tensor(math.nan)
     assert reduce_step(one, torch.tensor(2.0), (0.0, 0.0)) == (1.0, True, False, False)

@@ -6,7 +6,8 @@ input:  meta  - the binned data's meta.json (exact sequence length without zero 
         cells - the binned data's cells.tsv (label classes, when train.label_head is on)
 output: json  - results/{dataset}/exp/{grid point}/preflight.json
 params: preflight - model, train (the experiment's dicts), n_hvg, n_bins,
-        include_zero_genes, prior (bool), prior_mode (with a prior), and the config's memory
+        include_zero_genes, prior (bool), prior_mode (with a prior), task (perturbation
+        models only), and the config's memory
         section: gpu_mem_gib, n_gpus, safety_margin, workspace_mib, auto_micro_batch
 """
 
@@ -24,19 +25,22 @@ from evoformer.memory.spec import label_classes, resolve_data_shape  # noqa: E40
 def main() -> None:
     p = dict(snakemake.params.preflight)
     label_head = bool(p["train"].get("label_head", False))
+    shape = resolve_data_shape(
+        int(p["n_hvg"]),
+        int(p["n_bins"]),
+        bool(p["include_zero_genes"]),
+        snakemake.input.meta,
+        label_classes(snakemake.input.cells) if label_head else 0,
+        bool(p["prior"]),
+        str(p.get("prior_mode", "init")),
+    )
+    if "task" in p:  # the perturbation task's step (the masked-expression step without it)
+        shape["task"] = str(p["task"])
     write_preflight(
         out_json=snakemake.output.json,
         model_cfg=dict(p["model"]),
         train_cfg=dict(p["train"]),
-        data_shape=resolve_data_shape(
-            int(p["n_hvg"]),
-            int(p["n_bins"]),
-            bool(p["include_zero_genes"]),
-            snakemake.input.meta,
-            label_classes(snakemake.input.cells) if label_head else 0,
-            bool(p["prior"]),
-            str(p.get("prior_mode", "init")),
-        ),
+        data_shape=shape,
         gpu_mem_gib=float(p["gpu_mem_gib"]),
         n_gpus=int(p["n_gpus"]),
         safety_margin=float(p["safety_margin"]),

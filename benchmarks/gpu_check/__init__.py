@@ -45,7 +45,7 @@ a run cut short keeps what it measured; a global ``--budget-s`` skips what is le
     when it runs as a single process, so ``ddp_smoke`` on one GPU does not touch NCCL).
 ``loader``
     The training data path at the journal shape: masked micro-batches of 32 cells x 500 genes
-    from memory-mapped binned arrays (``evoformer.train.TrainBatches`` through a
+    from memory-mapped binned arrays (``evoformer.tasks.masked.TrainBatches`` through a
     ``DataLoader``) with 0, 2 and 4 worker processes (pinned memory on CUDA), in cells/s, next
     to the model's consumption from ``throughput``: the loader is not the bottleneck when its
     cells/s is well above the model's samples/s.

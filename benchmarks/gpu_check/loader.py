@@ -16,7 +16,7 @@ from benchmarks.gpu_check.data import write_binned
 def item_loader(ctx: Context, partial: Callable[[dict], None]) -> dict[str, Any]:
     """Cells/s of the training DataLoader at the journal shape (see the module docstring)."""
     from evoformer.data.arrays import BinnedData
-    from evoformer.train import CellBatches, TrainBatches
+    from evoformer.tasks.masked import CellBatches, TrainBatches
     from evoformer.train_config import TrainConfig
 
     cfg = ctx.sizes.journal

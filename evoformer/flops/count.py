@@ -54,7 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from evoformer.memory.spec import StepSpec, build_model, fake_batch
+from evoformer.memory.spec import StepSpec, build_model, fake_batch, step_loss
 
 
 # ----------------------------------------------------------------------------- counting
@@ -231,7 +231,7 @@ def _fake_step(spec: StepSpec, traffic: bool) -> tuple[int, int, int, int]:
         bytes_ = TrafficCounter(spec.r)
         with GlobalFlopCounter() as counter, bytes_ if traffic else nullcontext():
             with autocast:
-                loss, _ = model.loss(batch)
+                loss = step_loss(spec, model, batch)
             forward = counter.get_total_flops()
             loss.backward()
         total = counter.get_total_flops()

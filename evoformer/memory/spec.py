@@ -51,6 +51,8 @@ JOURNAL: dict[str, dict[str, Any]] = {
 PRECISIONS = ("fp32", "bf16")
 OPM_KINDS = ("ours", "naive")
 DEVICE_KINDS = ("cuda", "cpu")
+#: The training tasks a step can be traced for (the first is the default).
+TASKS = ("masked_expression", "perturbation")
 #: The ``experiment.train`` keys that change a step's memory (the rest - lr, epochs, seeds ...
 #: - do not): what the workflow's pre-flight depends on.
 MEMORY_TRAIN_KEYS = ("micro_batch_size", "global_batch_size", "precision", "label_head")
@@ -79,6 +81,9 @@ class StepSpec:
         prior: whether a ``[G, G]`` prior network buffer is attached.
         prior_mode: how it enters the model (``init``, ``bias``, ``both``; see
             :mod:`evoformer.model.prior`); ignored without a prior.
+        task: the training task whose step this is (:mod:`evoformer.tasks`):
+            ``masked_expression`` or ``perturbation`` (perturbation embeddings in ``m`` and
+            ``z``, the expression head, the expression loss).
     """
 
     model: ModelConfig
@@ -97,6 +102,7 @@ class StepSpec:
     grad_clip: float = 1.0
     prior: bool = False
     prior_mode: str = "init"
+    task: str = "masked_expression"
 
     def __post_init__(self) -> None:
         for key in (
@@ -125,6 +131,7 @@ class StepSpec:
             ("opm", OPM_KINDS),
             ("device", DEVICE_KINDS),
             ("prior_mode", PRIOR_MODES),
+            ("task", TASKS),
         ):
             if getattr(self, key) not in allowed:
                 raise InputError(
@@ -161,6 +168,8 @@ class StepSpec:
         d = dataclasses.asdict(self)
         d["model"] = self.model.to_dict()
         d["r"] = self.r
+        if d["task"] == TASKS[0]:  # as before tasks existed
+            del d["task"]
         return d
 
     def label(self) -> str:
@@ -175,8 +184,19 @@ class StepSpec:
 
 
 def fake_batch(spec: StepSpec) -> dict[str, torch.Tensor]:
-    """A batch of the trainer's shapes (call under FakeTensorMode): all tokens real, 15% masked."""
+    """A batch of the trainer's shapes (call under FakeTensorMode): all tokens real, 15% masked
+    (masked expression) or two genes perturbed (perturbation)."""
     b, s, length = spec.batch_size, spec.S, spec.seq_len
+    if spec.task == "perturbation":
+        perturbed = torch.zeros(b, s, length, dtype=torch.long)
+        perturbed[..., :2] = 1
+        return {
+            "gene_ids": torch.randint(0, spec.n_genes, (b, s, length)),
+            "values": torch.randint(0, spec.n_bins, (b, s, length)),
+            "pad_mask": torch.ones(b, s, length, dtype=torch.bool),
+            "perturbed": perturbed,
+            "target": torch.rand(b, s, length),
+        }
     gene_ids = torch.randint(0, spec.n_genes, (b, s, length))
     target = torch.randint(0, spec.n_bins, (b, s, length))
     pad_mask = torch.ones(b, s, length, dtype=torch.bool)
@@ -197,6 +217,15 @@ def fake_batch(spec: StepSpec) -> dict[str, torch.Tensor]:
 def build_model(spec: StepSpec) -> nn.Module:
     """BioFormer for ``spec`` (naive OPM swapped in when ``spec.opm == 'naive'``)."""
     prior = torch.zeros(spec.n_genes, spec.n_genes) if spec.prior else None
+    task = {}
+    if spec.task == "perturbation":
+        from evoformer.perturb.layouts import TYPES
+
+        task = {
+            "n_perturbation_types": len(TYPES),
+            "output": "expression",
+            "expression_baseline": torch.zeros(spec.n_genes),
+        }
     model = BioFormer(
         spec.model,
         n_genes=spec.n_genes,
@@ -204,10 +233,19 @@ def build_model(spec: StepSpec) -> nn.Module:
         n_labels=spec.n_labels,
         prior=prior,
         prior_mode=spec.prior_mode,
+        **task,
     )
     if spec.opm == "naive":
         use_naive_opm(model)
     return model
+
+
+def step_loss(spec: StepSpec, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The trainer's loss of one micro-batch of ``spec.task`` (what the step differentiates)."""
+    from evoformer.tasks import loss_function
+
+    loss, _ = loss_function(spec.task)(model, batch)
+    return loss
 
 
 def _accumulation(train_cfg: dict[str, Any], micro: int, world: int) -> int:
@@ -244,7 +282,8 @@ def spec_from_config(
         train_cfg: ``experiment.train``; uses ``micro_batch_size``, ``precision``, ``lr``,
             ``weight_decay``, ``grad_clip`` and ``label_head`` (other keys are ignored here).
         data_shape: ``seq_len`` (``L``) and ``n_genes`` (``G``), ``n_bins`` (``K``),
-            optional ``n_labels``, ``prior`` (bool) and ``prior_mode``; see :func:`data_shape`.
+            optional ``n_labels``, ``prior`` (bool), ``prior_mode`` and ``task`` (the training
+            task, :data:`TASKS`); see :func:`data_shape`.
         n_gpus: processes the job runs (DDP world size).
         device: ``cuda`` or ``cpu``.
         opm: ``ours`` or ``naive``.
@@ -279,6 +318,7 @@ def spec_from_config(
         grad_clip=float(train_cfg.get("grad_clip", 1.0)),
         prior=bool(data_shape.get("prior", False)),
         prior_mode=str(data_shape.get("prior_mode", "init")),
+        task=str(data_shape.get("task", TASKS[0])),
     )
 
 

@@ -9,7 +9,7 @@ The traced step is the trainer's (``evoformer/train.py``)::
 
     model.train()
     with autocast(bf16) if precision == "bf16":
-        loss, _ = model.loss(batch)
+        loss = step_loss(spec, model, batch)
     loss.backward()
     clip_grad_norm_(params, grad_clip); AdamW(lr, weight_decay).step(); zero_grad(set_to_none=True)
 
@@ -35,7 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from evoformer.memory.emulation import cuda_emulation
-from evoformer.memory.spec import StepSpec, build_model, fake_batch
+from evoformer.memory.spec import StepSpec, build_model, fake_batch, step_loss
 
 #: MemTracker category names -> ours.
 CATEGORIES = {
@@ -150,7 +150,7 @@ def train_step(
         else contextlib.nullcontext()
     )
     with autocast:
-        loss, _ = model.loss(batch)
+        loss = step_loss(spec, model, batch)
     loss.backward()
     foreach = True if spec.device == "cuda" else None
     torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip, foreach=foreach)

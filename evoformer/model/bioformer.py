@@ -14,6 +14,15 @@ expression bins. The model prepends a CLS token (``r = L + 1``) and builds
   attention (``bias``), or both (see :mod:`evoformer.model.prior`);
 
 runs the Evoformer stack, and predicts the masked bins from ``m`` (and a cell label from CLS).
+
+With ``n_perturbation_types > 0`` (the perturbation task, :mod:`evoformer.tasks.perturbation`)
+the model also reads ``perturbed [B, S, L]`` (0 = not perturbed, t = perturbation type t): a
+learned embedding per type is added to the perturbed genes' tokens in ``m`` and, with a pair
+representation, to the perturbed gene's row and column of ``z``. ``output="expression"``
+replaces the bin head by an expression head: ``expression = baseline[gene] + head(m_gene)``
+(log1p; ``baseline`` = the training controls' mean, the head's last layer starts at 0, so the
+untrained model predicts no change). Genes are tokens: a perturbation of a gene never seen
+perturbed in training needs no new parameter.
 Preset ``none`` builds no ``z`` (and no prior): a plain transformer over the gene tokens.
 Because the heads read only ``m``, the last block has no pair updates (they would be computed
 and thrown away); the returned ``z`` is the pair representation that biased the last block.
@@ -71,6 +80,10 @@ class BioFormer(nn.Module):
         prior_mode: how the prior enters, one of ``PRIOR_MODES`` (``init``: projected into the
             initial ``z``; ``bias``: a per-head bias of every row attention; ``both``); ignored
             without a prior.
+        n_perturbation_types: ``T``, perturbation types the model is told about (0: none).
+        output: ``bins`` (the masked-value head) or ``expression`` (an expression head; needs
+            ``expression_baseline``).
+        expression_baseline: ``[G]`` float, the log1p expression the expression head adds to.
     """
 
     def __init__(
@@ -81,8 +94,13 @@ class BioFormer(nn.Module):
         n_labels: int = 0,
         prior: torch.Tensor | None = None,
         prior_mode: str = "init",
+        n_perturbation_types: int = 0,
+        output: str = "bins",
+        expression_baseline: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         self.cfg = cfg
         self.n_genes = n_genes
         self.n_bins = n_bins
@@ -126,20 +144,54 @@ class BioFormer(nn.Module):
         # The heads read only the MSA: the last block's pair updates would have no consumer.
         self.stack = EvoformerStack(cfg, final_pair_update=False)
         self.final_layer_norm = LayerNorm(c_m) if cfg.ln_order == "pre" else nn.Identity()
-        n_out = n_bins if cfg.loss == "ce" else 1
-        self.value_head = nn.Sequential(
-            Linear(c_m, c_m, init="relu"), nn.GELU(), Linear(c_m, n_out)
-        )
+        self.output = output
+        self.value_head: nn.Module | None = None
+        self.expression_head: nn.Module | None = None
+        if output == "bins":
+            n_out = n_bins if cfg.loss == "ce" else 1
+            self.value_head = nn.Sequential(
+                Linear(c_m, c_m, init="relu"), nn.GELU(), Linear(c_m, n_out)
+            )
         self.label_head = Linear(c_m, n_labels) if n_labels > 0 else None
+
+        # the perturbation task (created after everything else: a masked-expression model's
+        # parameters are initialised from the same random stream as before)
+        self.n_perturbation_types = n_perturbation_types
+        self.perturbation_embedding: nn.Embedding | None = None
+        self.perturbation_row: nn.Embedding | None = None
+        self.perturbation_col: nn.Embedding | None = None
+        if n_perturbation_types > 0:
+            n = n_perturbation_types + 1  # 0: not perturbed (a zero vector, never trained)
+            self.perturbation_embedding = nn.Embedding(n, c_m, padding_idx=0)
+            if cfg.uses_pair:
+                self.perturbation_row = nn.Embedding(n, c_z, padding_idx=0)
+                self.perturbation_col = nn.Embedding(n, c_z, padding_idx=0)
+        if output == "expression":
+            if expression_baseline is None or tuple(expression_baseline.shape) != (n_genes,):
+                raise ValueError(f"output 'expression' needs an expression_baseline [{n_genes}]")
+            self.register_buffer(
+                "expression_baseline", expression_baseline.detach().to(torch.float32).clone()
+            )
+            self.expression_head = nn.Sequential(
+                Linear(c_m, c_m, init="relu"), nn.GELU(), Linear(c_m, 1, init="final")
+            )
+        else:
+            self.expression_baseline = None
 
     # ------------------------------------------------------------------ embeddings
     def embed(
-        self, gene_ids: torch.Tensor, values: torch.Tensor, pad_mask: torch.Tensor
+        self,
+        gene_ids: torch.Tensor,
+        values: torch.Tensor,
+        pad_mask: torch.Tensor,
+        perturbed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """Initial representations.
 
         Args:
             gene_ids, values: ``[B, S, L]`` long; pad_mask: ``[B, S, L]`` bool.
+            perturbed: ``[B, S, L]`` long perturbation type of each token (0 = none); only for
+                a model with ``n_perturbation_types > 0``.
 
         Returns:
             ``m [B, S, r, c_m]``, ``z [B, r, r, c_z]``, ``msa_mask [B, S, r]``,
@@ -149,6 +201,10 @@ class BioFormer(nn.Module):
         b, s, _ = gene_ids.shape
         gene = self.gene_embedding(gene_ids)  # [B, S, L, c_m]
         tok = gene + self.value_encoder(values).to(gene.dtype)
+        if perturbed is not None:
+            if self.perturbation_embedding is None:
+                raise ValueError("perturbed given to a model without perturbation embeddings")
+            tok = tok + self.perturbation_embedding(perturbed).to(gene.dtype)
         cls = self.cls_embedding.to(gene.dtype).expand(b, s, 1, -1)
         m = self.embed_layer_norm(torch.cat([cls, tok], dim=-2))  # [B, S, r, c_m]
 
@@ -165,6 +221,11 @@ class BioFormer(nn.Module):
             p = prior_pairs(self.prior, gene_ids[:, 0])  # [B, r, r]
             feats = torch.stack([p, (p != 0).to(p.dtype)], dim=-1)
             z = z + self.prior_proj(feats).to(z.dtype)
+        if perturbed is not None and self.perturbation_row is not None:
+            assert self.perturbation_col is not None
+            p = F.pad(perturbed[:, 0], (1, 0))  # [B, r]: CLS is never perturbed
+            z = z + self.perturbation_row(p)[:, :, None, :].to(z.dtype)
+            z = z + self.perturbation_col(p)[:, None, :, :].to(z.dtype)
         return m, z, msa_mask, pair_mask
 
     def prior_attention_bias(self, gene_ids: torch.Tensor) -> torch.Tensor | None:
@@ -181,21 +242,27 @@ class BioFormer(nn.Module):
         return self.prior_bias(prior_pairs(self.prior, gene_ids[:, 0]))
 
     def forward(
-        self, gene_ids: torch.Tensor, values: torch.Tensor, pad_mask: torch.Tensor
+        self,
+        gene_ids: torch.Tensor,
+        values: torch.Tensor,
+        pad_mask: torch.Tensor,
+        perturbed: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """
         Args:
             gene_ids: ``[B, S, L]`` long in ``[0, G)``.
             values: ``[B, S, L]`` long in ``[0, K]`` (``K`` = MASK).
             pad_mask: ``[B, S, L]`` bool, True = real token.
+            perturbed: ``[B, S, L]`` long perturbation type per token (0 = none), or None.
 
         Returns:
             dict with ``pred`` (``[B, S, L, K]`` logits for loss "ce", ``[B, S, L]`` bin value for
-            "mse"), ``cls [B, S, c_m]``, ``mean [B, S, c_m]`` (over real gene tokens),
-            ``label_logits [B, S, n_labels]`` or None, ``z [B, r, r, c_z]`` (None for preset
-            ``none``).
+            "mse"; None with output ``expression``), ``expression [B, S, L]`` (float32 log1p,
+            output ``expression`` only, else None), ``cls [B, S, c_m]``, ``mean [B, S, c_m]``
+            (over real gene tokens), ``label_logits [B, S, n_labels]`` or None,
+            ``z [B, r, r, c_z]`` (None for preset ``none``).
         """
-        m, z, msa_mask, pair_mask = self.embed(gene_ids, values, pad_mask)
+        m, z, msa_mask, pair_mask = self.embed(gene_ids, values, pad_mask, perturbed)
         attn_bias = self.prior_attention_bias(gene_ids)
         dev = m.device.type
         if torch.is_autocast_enabled(dev):
@@ -207,14 +274,26 @@ class BioFormer(nn.Module):
         m = self.final_layer_norm(m)
 
         genes = m[:, :, 1:]  # [B, S, L, c_m]
-        pred = self.value_head(genes)
-        if self.cfg.loss == "mse":
-            pred = pred.squeeze(-1)
+        pred = expression = None
+        if self.value_head is not None:
+            pred = self.value_head(genes)
+            if self.cfg.loss == "mse":
+                pred = pred.squeeze(-1)
+        if self.expression_head is not None:
+            base = self.expression_baseline[gene_ids]  # [B, S, L]
+            expression = base + self.expression_head(genes).squeeze(-1).float()
         w = pad_mask.to(genes.dtype).unsqueeze(-1)
         mean = (genes * w).sum(-2) / w.sum(-2).clamp(min=1)
         cls = m[:, :, 0]
         label_logits = self.label_head(cls) if self.label_head is not None else None
-        return {"pred": pred, "cls": cls, "mean": mean, "label_logits": label_logits, "z": z}
+        return {
+            "pred": pred,
+            "expression": expression,
+            "cls": cls,
+            "mean": mean,
+            "label_logits": label_logits,
+            "z": z,
+        }
 
     # ------------------------------------------------------------------ loss
     def loss_terms(
@@ -313,6 +392,10 @@ class BioFormer(nn.Module):
         return loss, metrics_to_floats(metrics)
 
 
+#: What the model predicts per gene token: masked bins, or log1p expression (perturbation).
+OUTPUTS = ("bins", "expression")
+
+
 def metrics_to_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     """0-d metric tensors -> Python floats in one host transfer; NaN under FakeTensorMode/meta."""
     from torch._subclasses.fake_tensor import is_fake
@@ -350,6 +433,10 @@ _TOP = {
     "final_layer_norm": "heads",
     "value_head": "heads",
     "label_head": "heads",
+    "expression_head": "heads",
+    "perturbation_embedding": "embeddings",
+    "perturbation_row": "pair_init",
+    "perturbation_col": "pair_init",
 }
 _BLOCK_RE = re.compile(r"(?:^|\.)blocks\.\d+\.([A-Za-z_]+)\.")
 

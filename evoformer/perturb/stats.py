@@ -19,6 +19,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from evoformer.data.binning import _chunks, _read_csr_rows
@@ -149,3 +150,20 @@ def read_hvg_obs(path: str | os.PathLike) -> tuple[list[str], list[str], list[st
     if len(set(cells)) != len(cells):
         raise InputError(f"{path}: duplicate cell ids in obs")
     return cells, conditions, genes
+
+
+#: The hvg.h5ad obs column of each cell's perturbation type (written by the hvg stage; empty
+#: for control cells).
+TYPE_KEY = "perturbation_type"
+
+
+def read_hvg_types(path: str | os.PathLike) -> pd.Series:
+    """Each cell's perturbation type (:data:`evoformer.perturb.layouts.TYPES`; NaN for
+    controls), indexed by cell id, from an HVG h5ad."""
+    path = Path(path)
+    with open_h5ad(path) as f:
+        obs = read_h5_elem(f["obs"])
+    if TYPE_KEY not in obs.columns:
+        raise InputError(f"{path}: obs has no {TYPE_KEY!r} column")
+    types = obs[TYPE_KEY]
+    return pd.Series(types.to_numpy(dtype=object), index=obs.index.astype(str), name=TYPE_KEY)
