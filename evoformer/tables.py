@@ -388,6 +388,58 @@ def verdict(diff_lo: float, diff_hi: float, lower_better: bool) -> str:
     return "no clear difference (the interval includes 0)"
 
 
+def _verdicts(m: dict[str, Any]) -> tuple[int, int, int]:
+    """(wins, losses, metrics) of the model against the strongest baseline in ``m``."""
+    from evoformer.metrics import EXPR_METRICS, LOWER_IS_BETTER
+
+    wins = losses = n = 0
+    for metric in EXPR_METRICS:
+        if f"model_{metric}" not in m:
+            continue
+        v = verdict(
+            as_float(m.get(f"diff_{metric}_lo")),
+            as_float(m.get(f"diff_{metric}_hi")),
+            LOWER_IS_BETTER[metric],
+        )
+        n += 1
+        wins += v == "the model is better"
+        losses += v == "the baseline is better"
+    return wins, losses, n
+
+
+def _in_short(r: Record, recs: list[Record], sweep_keys: list[str]) -> str:
+    """The opening sentences: what was compared, on how many cells, who won, where next."""
+    d = r.eval.get("details") or {}
+    n_points = len({_point_key(x.point, sweep_keys) for x in recs})
+    n_train, n_test = d.get("n_train_cells"), d.get("n_test_cells")
+    wins, losses, n = _verdicts(r.eval["metrics"])
+    if wins and not losses:
+        outcome = f"The model beats the strongest baseline on {wins} of the {n} metrics."
+    elif losses and not wins:
+        outcome = (
+            f"The strongest baseline beats the model on {losses} of the {n} metrics: on this "
+            "data the model does not predict masked expression better than a simple baseline."
+        )
+    else:
+        outcome = (
+            f"The model beats the strongest baseline on {wins} of the {n} metrics, loses on "
+            f"{losses} and ties on the rest."
+        )
+    grid = (
+        f"{n_points} model configurations ({', '.join(sweep_keys)})"
+        if n_points > 1 and sweep_keys
+        else "one model configuration"
+    )
+    return (
+        f"**In short.** BioFormer models learned to predict the expression of masked genes in "
+        f"single cells: {grid}, the best chosen on validation cells only, then tested on "
+        f"{fmt(n_test)} held-out cells (trained on {fmt(n_train)}) against three baselines that "
+        f"need no deep learning (each gene's mean, a ridge regression on the cell's other genes, "
+        f"the nearest training cells). {outcome} The details follow; the published experiments "
+        "are in `configs/` and their results in `RESULTS.md`."
+    )
+
+
 def summary_markdown(
     recs: list[Record],
     sweep_keys: list[str],
@@ -398,16 +450,17 @@ def summary_markdown(
     """``summary.md``: what the tables say, in sentences (see the module docstring)."""
     from evoformer.metrics import EXPR_METRICS, LOWER_IS_BETTER
 
+    evaluated = [r for r in recs if r.eval.get("metrics")]
     lines = [
         "# Results summary",
         "",
+        *([_in_short(evaluated[0], recs, sweep_keys), ""] if evaluated else []),
         f"Commit `{provenance.get('git_commit') or 'unknown'}`. Every number is on held-out test "
         "cells, on the same masked positions for the model and the baselines (log1p expression); "
         "intervals are 95% bootstrap intervals over test cells, differences are paired "
         "(model minus baseline). Baselines are fitted on the model's training cells only.",
         "",
     ]
-    evaluated = [r for r in recs if r.eval.get("metrics")]
     if not evaluated:
         lines.append("No model was evaluated on the test cells.")
     for r in evaluated:

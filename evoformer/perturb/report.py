@@ -223,6 +223,53 @@ def _split_section(
     return lines
 
 
+def _in_short(splits: dict[str, dict[str, Any]]) -> str:
+    """The opening sentences: what was compared, on how many conditions, who won, where next."""
+    parts = []
+    models: list[str] = []
+    for name, split in splits.items():
+        sub, details = split["subgroups"], split["details"]
+        models = [m for m in details.get("methods", []) if m not in BASELINES]
+        rows = sub[(sub["subgroup"] == ALL) & (sub["metric"] == "pearson_delta")]
+        rows = rows[rows["method"] != "oracle"]
+        scored = rows[rows["value"].map(as_float).map(math.isfinite)]
+        text = (
+            f"split `{name}`: {len(details.get('test_conditions', {}))} held-out conditions, "
+            f"{len(details.get('train_conditions', []))} in training"
+        )
+        if len(scored):
+            best = scored.loc[scored["value"].map(as_float).idxmax()]
+            text += (
+                f"; the best Pearson-delta over all test conditions is "
+                f"{METHOD_NAMES.get(best['method'], best['method'])}'s ({_with_ci(best)})"
+            )
+        groups: dict[str, list[str]] = {}
+        for model in models:
+            row = rows[rows["method"] == model]
+            if len(row):
+                r = row.iloc[0]
+                v = verdict(as_float(r["diff_lo"]), as_float(r["diff_hi"]), False)
+                word = {"the model is better": "better", "the baseline is better": "worse"}
+                groups.setdefault(word.get(v, "not clearly different"), []).append(f"`{model}`")
+        if groups:
+            text += "; compared with the strongest baseline, " + ", ".join(
+                f"{', '.join(ms)} {'is' if len(ms) == 1 else 'are'} {w}" for w, ms in groups.items()
+            )
+        parts.append(text)
+    compared = (
+        f"the models {', '.join(f'`{m}`' for m in models)} and " if models else "no model (only "
+    )
+    baselines = "the no-change, mean-perturbation, additive and linear baselines"
+    return (
+        "**In short.** Each method predicted the mean expression of cells under perturbations "
+        f"held out of training; compared are {compared}{baselines}"
+        + ("" if models else "; perturbation.model trains one)")
+        + ". "
+        + "; ".join(p[0].upper() + p[1:] for p in parts)
+        + ". The published experiments are in `configs/` and their results in `RESULTS.md`."
+    )
+
+
 def summary_markdown(
     splits: dict[str, dict[str, Any]],
     provenance: dict[str, Any],
@@ -233,6 +280,8 @@ def summary_markdown(
     any_details = next(iter(splits.values()))["details"]
     lines = [
         "# Perturbation benchmark",
+        "",
+        _in_short(splits),
         "",
         f"Dataset `{provenance.get('dataset')}` ({any_details.get('n_genes')} genes), commit "
         f"`{provenance.get('git_commit')}`. Each split is evaluated on its own: no test "
