@@ -25,14 +25,15 @@ from tests.perturb_screen import make_screen
 pytestmark = pytest.mark.slow
 
 SCREEN = {
-    "n_genes": 60,
-    "n_regulators": 30,
-    "n_doubles_within": 3,
-    "n_doubles_across": 3,
-    "n_control": 300,
-    "cells_per_condition": 20,
+    "n_genes": 80,
+    "n_regulators": 40,
+    "n_doubles_within": 4,
+    "n_doubles_across": 4,
+    "n_control": 400,
+    "cells_per_condition": 30,
+    "truth_cells": 1000,
 }
-SPLIT = {"kind": "simulation", "seed": 1, "train_gene_set_size": 0.6}
+SPLIT = {"kind": "simulation", "seed": 1}
 MODEL = {"preset": "bioformer", "c_m": 32, "c_z": 16, "c_opm": 8, "n_heads_msa": 2,
          "c_hidden_msa": 16, "n_blocks": 2}  # fmt: skip
 TRAIN = {"micro_batch_size": 16, "global_batch_size": 32, "epochs": 12, "lr": 0.01,

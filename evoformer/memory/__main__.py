@@ -6,6 +6,7 @@ Examples::
     python -m evoformer.memory --journal --opm naive --gpu-mem-gib 80 --json  # the journal's OOM
     python -m evoformer.memory --af2 --precision bf16 --ckpt 1 --gpu-mem-gib 80
     python -m evoformer.memory --config config.yaml --gpus 4 --gpu-mem-gib 80  # every grid point
+    python -m evoformer.memory --config configs/norman_a100.yaml --gpus 2 --L 1105  # perturbation
     python -m evoformer.memory --journal-table                                # the journal's table
 
 Exit status: 0 every configuration fits, 1 one does not, 2 bad input.
@@ -198,8 +199,10 @@ def _from_config(
     if not args.config.is_file():
         raise InputError(f"{args.config}: config file not found")
     config = yaml.safe_load(args.config.read_text()) or {}
+    if "experiment" not in config and (config.get("perturbation") or {}).get("model"):
+        return _from_perturbation_config(args, config)
     if "experiment" not in config:
-        raise InputError(f"{args.config}: no 'experiment' section")
+        raise InputError(f"{args.config}: no 'experiment' section (nor perturbation.model)")
     points = grid(config)
     idx = range(len(points)) if args.experiment == "all" else [int(args.experiment)]
     include_zero = bool((config.get("binning") or {}).get("include_zero_genes", True))
@@ -225,6 +228,34 @@ def _from_config(
         )
         name = "/".join(f"{k}~{v}" for k, v in point.items())
         out.append((name, s["model"], s["train"], shape))
+    return out, config.get("memory") or {}
+
+
+def _from_perturbation_config(
+    args: argparse.Namespace, config: dict[str, Any]
+) -> tuple[list[tuple[str, dict, dict, dict]], dict[str, Any]]:
+    """The perturbation models' grid points (the perturbation step, :mod:`evoformer.tasks`).
+    Tokens: ``--binned-meta``'s, else ``--L``, else ``perturbation.n_hvg`` (a lower bound: the
+    screen's perturbed genes are added to the HVGs)."""
+    from evoformer.perturb.models import model_grid, point_id, run_spec
+
+    p = config["perturbation"]
+    seq_len = args.L or int(p.get("n_hvg", 2000))
+    if args.binned_meta is not None:
+        seq_len = int(json.loads(args.binned_meta.read_text())["max_len"])
+    out = []
+    for point in model_grid(config):
+        s = run_spec(config, point, "pretrained model (not read)")
+        shape = data_shape(
+            seq_len,
+            int(p.get("n_bins", 51)),
+            True,
+            None,
+            prior=bool(s.get("prior")),
+            prior_mode=(s.get("prior") or {}).get("mode", "init"),
+        )
+        shape["task"] = "perturbation"
+        out.append((f"perturbation {point_id(point)}", s["model"], s["train"], shape))
     return out, config.get("memory") or {}
 
 
