@@ -88,6 +88,17 @@ def test_r2001_verdicts_on_one_80_gib_gpu_analytical():
     assert estimate(bio).host_bytes == 8 * (pinned_bytes(16 * 2001 * 128 * 2) + 16 * GIB)
 
 
+def test_the_preflight_suggests_offloading_when_the_host_holds_it():
+    from evoformer.memory.preflight import suggestions
+
+    plain = {"offload_checkpoints": False, "checkpoint_ops": False}
+    spec = _hvg2000("bioformer", 16, **plain)
+    room = int(72 * GIB) - WORKSPACE_MIB * 2**20
+    change = "offload_checkpoints + checkpoint_ops"
+    assert change in [s["change"] for s in suggestions(spec, room, 1.0, int(230 * GIB))]
+    assert change not in [s["change"] for s in suggestions(spec, room, 1.0, int(100 * GIB))]
+
+
 def test_the_host_memory_is_part_of_the_verdict():
     model = {**SMALL, "preset": "bioformer", "n_blocks": 2, **SWITCHES}
     train = {"micro_batch_size": 2, "precision": "bf16"}
@@ -129,3 +140,17 @@ def test_r2001_verdicts_traced_as_the_preflight_does():
         assert pf.fits and pf.micro_batch_size == micro, pf.message()
         assert pf.analytical_peak_bytes == pytest.approx(pf.predicted_peak_bytes, rel=0.10)
         assert pf.host_bytes == estimate(_hvg2000(preset, micro)).host_bytes
+
+
+def test_the_memory_report_shows_the_host_memory(tmp_path):
+    from evoformer.memory.preflight import write_preflight
+    from evoformer.memory.report import report
+
+    model = {**SMALL, "preset": "bioformer", "n_blocks": 2, **SWITCHES}
+    train = {"micro_batch_size": 2, "precision": "bf16"}
+    pf = tmp_path / "preflight.json"
+    write_preflight(pf, model, train, data_shape(31, 11), 80, n_gpus=2, host_mem_gib=4)
+    row = report(pf, None, tmp_path / "r.md", tmp_path / "r.png", experiment="x")
+    assert row["host_traced_bytes"] == row["host_analytical_bytes"] > 0
+    md = (tmp_path / "r.md").read_text()
+    assert "Host memory (pinned checkpoint inputs" in md and "memory.host_mem_gib" in md

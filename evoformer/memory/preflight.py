@@ -204,9 +204,18 @@ def workspace_bytes(workspace_mib: float, device: str) -> int:
 
 def dominant_term(traced: TracedResult, analytical: AnalyticalResult) -> dict[str, Any]:
     """The largest term at the peak: a traced category, or (for activations) the largest tensor
-    kind of the analytical ledger."""
+    kind of the analytical ledger (not with offloaded checkpoints: the ledger's totals over the
+    blocks are then mostly in host memory)."""
     cats = {k: v for k, v in traced.by_category.items() if v > 0}
     cat = max(cats, key=cats.__getitem__) if cats else "activations"
+    if analytical.host_bytes:
+        return {
+            "name": f"{cat} (the checkpoint inputs wait in host memory)",
+            "component": cat,
+            "bytes": int(cats.get(cat, 0)),
+            "category": cat,
+            "category_bytes": int(cats.get(cat, 0)),
+        }
     if cat in ("activations", "backward_temporaries") and analytical.components:
         comp = max(analytical.components, key=analytical.components.__getitem__)
         return {
