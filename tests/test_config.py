@@ -217,6 +217,33 @@ def test_the_journal_config_is_the_journal_constant_and_passes_the_preflight() -
     assert result.fits
 
 
+def test_the_hvg2000_config_is_the_constant_and_fits_one_80_gib_gpu() -> None:
+    """configs/hvg2000_a100.yaml (r = 2001) is :data:`HVG2000`; its verdict through the
+    analytical model, which the pre-flight's trace confirms (tests/test_memory_offload.py, slow;
+    BENCHMARKS.md): the GPU peak and the node's pinned host memory both fit."""
+    from evoformer.memory.analytical import GIB, estimate
+    from evoformer.memory.preflight import WORKSPACE_MIB
+    from evoformer.memory.spec import HVG2000, data_shape, spec_from_config
+
+    cfg = yaml.safe_load((ROOT / "configs" / "hvg2000_a100.yaml").read_text())
+    exp, mem = cfg["experiment"], cfg["memory"]
+    assert exp["model"] == HVG2000["model"]
+    assert {k: exp["train"][k] for k in HVG2000["train"]} == HVG2000["train"]
+    assert {k: exp[k] for k in HVG2000["data"]} == HVG2000["data"]
+    s = run_spec(cfg, grid(cfg).iloc[0].to_dict(), "holdout")
+    step = spec_from_config(
+        s.model.to_dict(),
+        s.train.to_dict(),
+        data_shape(exp["n_hvg"], exp["n_bins"]),
+        n_gpus=mem["n_gpus"],
+    )
+    a = estimate(step)
+    margin = 1 - mem["safety_margin"]
+    assert a.peak_bytes + WORKSPACE_MIB * 2**20 <= mem["gpu_mem_gib"] * GIB * margin
+    assert a.host_bytes > 0
+    assert mem["n_gpus"] * a.host_bytes <= mem["host_mem_gib"] * GIB * margin
+
+
 def test_schema_lists_exactly_the_perturbation_benchmark_keys() -> None:
     from evoformer.perturb.evaluate import PerturbEvalParams
     from evoformer.perturb.splits import ControlFractions, PerturbSplitParams

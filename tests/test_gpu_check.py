@@ -17,6 +17,7 @@ ITEMS = (
     "env",
     "memory_journal",
     "memory_pair_stack",
+    "memory_r2001",
     "throughput",
     "sdpa",
     "ddp_smoke",
@@ -75,7 +76,7 @@ def test_spent_budget_skips_items_with_a_note(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     items = json.loads((out / "gpu_check.json").read_text())["items"]
-    assert set(items) == {"memory_journal", "memory_pair_stack", "ddp_smoke"}
+    assert set(items) == {"memory_journal", "memory_pair_stack", "memory_r2001", "ddp_smoke"}
     for entry in items.values():
         assert entry["status"] == "skipped" and "budget" in entry["note"]
     md = (out / "gpu_check.md").read_text()
@@ -103,7 +104,7 @@ def test_cpu_dry_run_end_to_end(tmp_path):
     assert not failed, failed
 
     assert items["env"]["info"]["cuda_available"] is False
-    for name in ("memory_journal", "memory_pair_stack"):
+    for name in ("memory_journal", "memory_pair_stack", "memory_r2001"):
         e = items[name]
         assert e["measured_source"] == "profiler"
         assert e["measured_peak_bytes"] > 0 and e["traced_peak_bytes"] > 0
@@ -113,6 +114,9 @@ def test_cpu_dry_run_end_to_end(tmp_path):
         # a CPU trace carries no workspace allowance: the prediction is the traced peak
         assert e["workspace_allowance_bytes"] == 0
         assert e["predicted_peak_bytes"] == e["traced_peak_bytes"]
+    # offloading is a GPU's: a CPU step keeps its checkpoint inputs where they are
+    assert items["memory_r2001"]["traced_host_bytes"] == 0
+    assert "offloaded" in items["memory_r2001"]["config"]
     rows = {r["precision"]: r for r in items["throughput"]["rows"]}
     assert set(rows) == {"bf16", "fp32"}
     assert all(r["status"] == "ok" and r["samples_per_s"] > 0 for r in rows.values())

@@ -7,8 +7,8 @@ input:  meta  - the binned data's meta.json (exact sequence length without zero 
 output: json  - results/{dataset}/exp/{grid point}/preflight.json
 params: preflight - model, train (the experiment's dicts), n_hvg, n_bins,
         include_zero_genes, prior (bool), prior_mode (with a prior), task (perturbation
-        models only), and the config's memory
-        section: gpu_mem_gib, n_gpus, safety_margin, workspace_mib, auto_micro_batch
+        models only), and the config's memory section: gpu_mem_gib, n_gpus, safety_margin,
+        workspace_mib, auto_micro_batch and host_mem_gib (only when set)
 """
 
 import sys
@@ -46,6 +46,7 @@ def main() -> None:
         safety_margin=float(p["safety_margin"]),
         auto_micro_batch=bool(p["auto_micro_batch"]),
         workspace_mib=float(p["workspace_mib"]),
+        host_mem_gib=float(p["host_mem_gib"]) if "host_mem_gib" in p else None,
     )
 
 

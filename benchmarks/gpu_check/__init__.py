@@ -25,6 +25,11 @@ a run cut short keeps what it measured; a global ``--budget-s`` skips what is le
     c_m 128, 4 heads of 32, c_z 128, c_opm 32, 8 blocks, micro-batch 32, bf16 autocast,
     ``blocks_per_ckpt`` 1, 51 bins) and (b) the full pair stack (preset ``evoformer``, r = 129,
     c_z 64, micro-batch 4, ``chunk_size`` 32, ``blocks_per_ckpt`` 1, 4 blocks).
+``memory_r2001``
+    The same for :data:`evoformer.memory.spec.HVG2000` (r = 2001, ``chunk_size`` 64,
+    checkpoint inputs offloaded to pinned host memory, per-op checkpoints) at micro-batch 4 (the
+    configured 16 pins 128 GiB of host memory; this machine has 128 GiB in all), with the pinned
+    host memory measured (``torch.cuda.host_memory_stats``) next to the traced and analytical.
 ``throughput``
     Samples/s of training steps of the journal configuration (warm-up, then a timed loop between
     ``torch.cuda.synchronize`` calls), bf16 autocast vs fp32 (a note when fp32 does not fit).

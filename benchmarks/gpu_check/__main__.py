@@ -50,6 +50,7 @@ ITEM_FUNCS: dict[str, Callable[[Context, Callable[[dict], None]], dict[str, Any]
     "env": item_env,
     "memory_journal": lambda c, p: item_memory(c, p, c.sizes.journal),
     "memory_pair_stack": lambda c, p: item_memory(c, p, c.sizes.pair_stack),
+    "memory_r2001": lambda c, p: item_memory(c, p, c.sizes.r2001),
     "throughput": item_throughput,
     "sdpa": item_sdpa,
     "ddp_smoke": item_ddp_smoke,

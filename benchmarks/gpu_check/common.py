@@ -24,13 +24,15 @@ ITEMS = (
     "env",
     "memory_journal",
     "memory_pair_stack",
+    "memory_r2001",
     "throughput",
     "ddp_smoke",
     "nccl_ddp",
     "loader",
     "sdpa",  # last: forcing a backend that crashes must not cost the other items
 )
-GROUPS = {"memory": ("memory_journal", "memory_pair_stack"), "all": ITEMS}
+MEMORY_ITEMS = ("memory_journal", "memory_pair_stack", "memory_r2001")
+GROUPS = {"memory": MEMORY_ITEMS, "all": ITEMS}
 NO_CUDA_MESSAGE = (
     "gpu_check: needs a CUDA device (torch.cuda.is_available() is False); nothing measured. "
     "Use --cpu-dry-run to exercise the code path on the CPU."

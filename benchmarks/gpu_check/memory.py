@@ -1,4 +1,5 @@
-"""Items ``memory_journal``, ``memory_pair_stack``: a step's measured peak vs the pre-flight's."""
+"""Items ``memory_journal``, ``memory_pair_stack``, ``memory_r2001``: a step's measured peak vs
+the pre-flight's (``memory_r2001``: also the pinned host memory of its offloaded checkpoints)."""
 
 from __future__ import annotations
 
@@ -34,10 +35,12 @@ def _measure(ctx: Context, cfg: StepConfig) -> dict[str, Any]:
         sync(dev)
         res["warmup_step_s"] = time.perf_counter() - t0
         res["warmup_peak_bytes"] = int(torch.cuda.max_memory_allocated(dev))
+        _reset_pinned_peak()
         t0 = time.perf_counter()
         m = measure_cuda_peak(step, dev)
         res["step_s"] = time.perf_counter() - t0
         res["reserved_peak_bytes"] = int(torch.cuda.max_memory_reserved(dev))
+        res["measured_host_bytes"] = _pinned_peak()
     else:
         t0 = time.perf_counter()
         step()
@@ -51,6 +54,22 @@ def _measure(ctx: Context, cfg: StepConfig) -> dict[str, Any]:
         measured_source=m.source,
     )
     return res
+
+
+def _reset_pinned_peak() -> None:
+    try:
+        torch.cuda.reset_peak_host_memory_stats()
+    except (AttributeError, RuntimeError):
+        pass
+
+
+def _pinned_peak() -> int | None:
+    """Peak bytes in use in the pinned host allocator since :func:`_reset_pinned_peak` (the
+    offloaded checkpoints' copies; None without the statistics or without pinned memory)."""
+    try:
+        return int(torch.cuda.host_memory_stats().get("active_bytes.peak", 0)) or None
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def item_memory(ctx: Context, partial: Callable[[dict], None], cfg: StepConfig) -> dict[str, Any]:
@@ -104,6 +123,8 @@ def item_memory(ctx: Context, partial: Callable[[dict], None], cfg: StepConfig) 
             preflight_gpu_mem_gib=ctx.gpu_mem_gib,
             preflight_seconds=pf.seconds,
             workspace_allowance_bytes=int(pf.workspace_bytes),
+            traced_host_bytes=int(pf.host_bytes),
+            analytical_host_bytes=int((pf.analytical or {}).get("host_bytes", 0)),
         )
     except Exception as exc:  # noqa: BLE001
         res["errors"].append(f"traced: {type(exc).__name__}: {first_line(str(exc))}")

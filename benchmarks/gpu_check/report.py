@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.gpu_check.common import ITEMS, MIB, fmt, human
+from benchmarks.gpu_check.common import ITEMS, MEMORY_ITEMS, MIB, fmt, human
 
 
 def render_markdown(data: dict[str, Any]) -> str:
@@ -31,7 +31,7 @@ def render_markdown(data: dict[str, Any]) -> str:
             lines.append("")
         lines += _status_line(env)
 
-    mem_rows = [(n, items[n]) for n in ("memory_journal", "memory_pair_stack") if n in items]
+    mem_rows = [(n, items[n]) for n in MEMORY_ITEMS if n in items]
     if mem_rows:
         lines += [
             "## Peak memory of one training step: measured vs the pre-flight's prediction",
@@ -58,6 +58,15 @@ def render_markdown(data: dict[str, Any]) -> str:
                 f"| {e.get('status')} |"
             )
         lines.append("")
+        for _, e in mem_rows:
+            if e.get("traced_host_bytes"):
+                lines.append(
+                    f"Pinned host memory of {fmt(e.get('config'))}: traced "
+                    f"{human(e.get('traced_host_bytes'))}, analytical "
+                    f"{human(e.get('analytical_host_bytes'))}, measured (active peak of the "
+                    f"pinned allocator) {human(e.get('measured_host_bytes'))}."
+                )
+                lines.append("")
         for name, e in mem_rows:
             lines += _status_line(e, name)
 

@@ -28,6 +28,10 @@ class StepConfig:
             extra.append(f"chunk {m['chunk_size']}")
         if m.get("blocks_per_ckpt"):
             extra.append(f"ckpt {m['blocks_per_ckpt']}")
+        if m.get("offload_checkpoints"):
+            extra.append("offloaded")
+        if m.get("checkpoint_ops"):
+            extra.append("per-op ckpt")
         return (
             f"{m['preset']} r={self.n_hvg + 1} c_m={m['c_m']} c_z={m['c_z']} c_opm={m['c_opm']} "
             f"blocks={m['n_blocks']} B={self.micro_batch} {self.precision}"
@@ -50,6 +54,7 @@ class Sizes:
     throughput_steps: int
     throughput_target_s: float
     ddp_timeout_s: int
+    r2001: StepConfig  # offloaded and per-op checkpoints (item memory_r2001)
 
 
 def journal_step() -> StepConfig:
@@ -63,6 +68,22 @@ def journal_step() -> StepConfig:
         n_bins=JOURNAL["data"]["n_bins"],
         micro_batch=JOURNAL["train"]["micro_batch_size"],
         precision=JOURNAL["train"]["precision"],
+    )
+
+
+def hvg2000_step(micro_batch: int) -> StepConfig:
+    """:data:`evoformer.memory.spec.HVG2000` (r = 2001, checkpoints offloaded to pinned host
+    memory, per-op checkpoints) at ``micro_batch``: the GPU machine's 128 GiB of host memory
+    holds the 32 GiB the step pins at micro-batch 4, not the 128 GiB of the configured 16."""
+    from evoformer.memory.spec import HVG2000
+
+    return StepConfig(
+        name="r2001",
+        model=dict(HVG2000["model"]),
+        n_hvg=HVG2000["data"]["n_hvg"],
+        n_bins=HVG2000["data"]["n_bins"],
+        micro_batch=micro_batch,
+        precision=HVG2000["train"]["precision"],
     )
 
 
@@ -90,7 +111,8 @@ def gpu_sizes() -> Sizes:
         precision="bf16",
     )
     smoke = {"preset": "bioformer", "c_m": 64, "c_z": 32, "c_opm": 16, "n_blocks": 2}
-    return Sizes(journal, pair, smoke, 512, 127, 16, 16, 20, 10, 15.0, 300)
+    r2001 = hvg2000_step(4)
+    return Sizes(journal, pair, smoke, 512, 127, 16, 16, 20, 10, 15.0, 300, r2001)
 
 
 def cpu_sizes() -> Sizes:
@@ -133,4 +155,17 @@ def cpu_sizes() -> Sizes:
         precision="fp32",
     )
     smoke = {"preset": "bioformer", "c_m": 16, "c_z": 8, "c_opm": 4, "n_blocks": 1}
-    return Sizes(journal, pair, smoke, 96, 15, 4, 8, 3, 3, 2.0, 240)
+    r2001 = StepConfig(
+        name="r2001",
+        model={
+            **journal.model,
+            "chunk_size": 8,
+            "offload_checkpoints": True,
+            "checkpoint_ops": True,
+        },
+        n_hvg=31,
+        n_bins=11,
+        micro_batch=2,
+        precision="fp32",
+    )
+    return Sizes(journal, pair, smoke, 96, 15, 4, 8, 3, 3, 2.0, 240, r2001)

@@ -10,6 +10,7 @@ Public API::
     record_cpu_peak                        measured.py    the same as a context manager
     preflight, PreflightResult             preflight.py   does it fit? (raises InputError if not)
     WORKSPACE_MIB                          preflight.py   default workspace allowance (GPU)
+    HOST_MEM_GIB                           preflight.py   default host memory of a node (offload)
     report, memory_table                   report.py      per-experiment report, summary table
     StepSpec, spec_from_config, data_shape spec.py        what one step on one device looks like
 
@@ -33,6 +34,7 @@ _WHERE = {
     "record_cpu_peak": "measured",
     "PreflightResult": "preflight",
     "WORKSPACE_MIB": "preflight",
+    "HOST_MEM_GIB": "preflight",
     "preflight": "preflight",
     "memory_table": "report",
     "memory_table_from_json": "report",

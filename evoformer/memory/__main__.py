@@ -8,6 +8,8 @@ Examples::
     python -m evoformer.memory --config config.yaml --gpus 4 --gpu-mem-gib 80  # every grid point
     python -m evoformer.memory --config configs/norman_a100.yaml --gpus 2 --L 1105  # perturbation
     python -m evoformer.memory --journal-table                                # the journal's table
+    python -m evoformer.memory --L 2000 --B 16 --precision bf16 --ckpt 1 --chunk 64 \
+        --offload --checkpoint-ops --gpus 1 --gpu-mem-gib 80 --host-mem-gib 256  # r = 2001
 
 Exit status: 0 every configuration fits, 1 one does not, 2 bad input.
 """
@@ -25,6 +27,7 @@ import yaml
 from evoformer.errors import InputError
 from evoformer.memory.analytical import GIB, estimate, journal_table_markdown
 from evoformer.memory.preflight import (
+    HOST_MEM_GIB,
     WORKSPACE_MIB,
     PreflightResult,
     preflight,
@@ -78,6 +81,13 @@ _MODEL_FLAGS = {
 }
 
 
+#: Memory switches of the model (on/off flags).
+_SWITCHES = {
+    "offload": "offload_checkpoints",
+    "checkpoint-ops": "checkpoint_ops",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m evoformer.memory",
@@ -126,6 +136,10 @@ def _parser() -> argparse.ArgumentParser:
     sz.add_argument("--ckpt", type=int, help="blocks per activation checkpoint (0 = off)")
     sz.add_argument("--chunk", type=int, help="chunk size (0 = off)")
     sz.add_argument("--ln-order", dest="ln_order", choices=("pre", "post"))
+    for flag, key in _SWITCHES.items():
+        sz.add_argument(
+            "--" + flag, dest=key, action="store_true", default=None, help=f"model.{key}: on"
+        )
     sz.add_argument("--n-genes", type=int)
     sz.add_argument("--n-bins", type=int)
     sz.add_argument("--precision", choices=("auto", "bf16", "fp32"))
@@ -147,6 +161,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="workspace allowance added to the GPU peak: cuBLAS/cuDNN workspaces the trace "
         f"does not see (default: config memory.workspace_mib or {WORKSPACE_MIB})",
+    )
+    tgt.add_argument(
+        "--host-mem-gib",
+        type=float,
+        default=None,
+        help="host memory of the node (all --gpus processes), checked when checkpoints are "
+        f"offloaded (default: config memory.host_mem_gib or {HOST_MEM_GIB:g})",
     )
     tgt.add_argument(
         "--auto-micro-batch", action="store_true", help="pick the largest micro-batch that fits"
@@ -174,6 +195,9 @@ def _explicit(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
         value = getattr(args, flag, None)
         if value is not None:
             model[key] = None if key in ("blocks_per_ckpt", "chunk_size") and value == 0 else value
+    for key in _SWITCHES.values():
+        if getattr(args, key, None):
+            model[key] = True
     if args.B is not None:
         train["micro_batch_size"] = args.B
     if args.precision is not None:
@@ -272,6 +296,10 @@ def _table(name: str, res: dict[str, Any]) -> str:
         f"   usable: {res['budget_bytes'] / GIB:.2f} GiB; workspace allowance (added to the peak) "
         f"{res['workspace_bytes'] / GIB:.2f} GiB; analytical peak at {a.get('peak_at', '')}"
     )
+    host_a, host_t = a.get("host_bytes", 0), (t or {}).get("host_peak_bytes", 0)
+    if host_a or host_t:
+        tv = host_t / GIB if t else float("nan")
+        lines.append(f"   {'host (pinned) per GPU':24s} {host_a / GIB:15.2f} {tv:12.2f}")
     lines.append("   " + res["message"])
     return "\n".join(lines)
 
@@ -285,13 +313,21 @@ def _analytical_only(
     margin: float,
     opm: str,
     workspace_mib: float,
+    host_mem_gib: float,
 ) -> dict[str, Any]:
     spec = spec_from_config(model, train, shape, n_gpus=gpus, device="cuda", opm=opm)
     a = estimate(spec)
     budget = int(mem * GIB * (1 - margin))
     workspace = workspace_bytes(workspace_mib, "cuda")
-    fits = a.peak_bytes + workspace <= budget
+    host_budget = int(host_mem_gib * GIB * (1 - margin))
+    host_fits = gpus * a.host_bytes <= host_budget
+    fits = a.peak_bytes + workspace <= budget and host_fits
     verdict = "fits" if fits else "does not fit"
+    host = (
+        f"; host {gpus} x {a.host_bytes / GIB:.1f} GiB vs {host_budget / GIB:.1f} GiB usable"
+        if a.host_bytes
+        else ""
+    )
     return {
         "fits": fits,
         "analytical": a.to_dict(),
@@ -299,7 +335,7 @@ def _analytical_only(
         "budget_bytes": budget,
         "workspace_bytes": workspace,
         "message": f"{verdict} (analytical): {a.peak_bytes / GIB:.1f} GiB per GPU + workspace "
-        f"allowance {workspace / GIB:.2f} GiB vs {budget / GIB:.1f} GiB usable",
+        f"allowance {workspace / GIB:.2f} GiB vs {budget / GIB:.1f} GiB usable{host}",
     }
 
 
@@ -333,11 +369,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.workspace_mib is not None
             else float(mem_cfg.get("workspace_mib", WORKSPACE_MIB))
         )
+        host_mem = (
+            args.host_mem_gib
+            if args.host_mem_gib is not None
+            else float(mem_cfg.get("host_mem_gib", HOST_MEM_GIB))
+        )
         auto = args.auto_micro_batch or bool(mem_cfg.get("auto_micro_batch", False))
         results = []
         for name, model, train, shape in runs:
             if args.method == "analytical":
-                res = _analytical_only(model, train, shape, gpus, mem, margin, args.opm, workspace)
+                res = _analytical_only(
+                    model, train, shape, gpus, mem, margin, args.opm, workspace, host_mem
+                )
             else:
                 pf: PreflightResult = preflight(
                     model,
@@ -350,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                     opm=args.opm,
                     raise_on_oom=False,
                     workspace_mib=workspace,
+                    host_mem_gib=host_mem,
                 )
                 res = {**pf.to_dict(), "message": pf.message()}
             res["name"] = name

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from evoformer.memory.spec import StepSpec
+from evoformer.model.checkpointing import pinned_bytes
 
 MB = 10**6
 GIB = 2**30
@@ -612,6 +613,9 @@ class AnalyticalResult:
             ``activations`` (kept tensors, incl. bf16 weight copies), ``backward_temporaries``
             (gradients of activations and op temporaries), ``inputs``, ``ddp_buckets``.
         phase: ``forward`` or ``backward`` or ``optimizer``.
+        host_bytes: host memory the step holds for the device: the checkpointed groups' inputs
+            ``offload_checkpoints`` keeps in pinned memory, each copy rounded up to a power of
+            two as the pinned allocator does (0 without offloading).
         by_op: per op name (summed over blocks): kept bytes (``kept``), its largest forward and
             backward extra.
         components: journal-style totals over the whole forward by tensor kind (``qkv``,
@@ -623,6 +627,7 @@ class AnalyticalResult:
     peak_bytes: int
     by_category: dict[str, int]
     phase: str
+    host_bytes: int = 0
     peak_at: str = ""
     by_op: dict[str, dict[str, int]] = field(default_factory=dict)
     components: dict[str, int] = field(default_factory=dict)
@@ -662,11 +667,17 @@ def estimate(spec: StepSpec) -> AnalyticalResult:
     buffers = 4 * spec.n_genes**2 if spec.prior else 0
     static = p_bytes + optimizer + inputs + buffers
     ckpt = m.blocks_per_ckpt is not None
+    offload = ckpt and m.offload_checkpoints and d.cuda  # a CPU run's host is its device
     groups = _groups(spec, ops)
+    streams_in = _stream_in_bytes(d)  # what an offloaded group keeps in host memory
+
+    def op_ckpt(gi: int) -> bool:  # the ops of this group are checkpoints of their own
+        return m.checkpoint_ops and 0 < gi < len(groups) - 1
 
     # ---------------------------------------------------------------- forward
     peak, phase, at_peak, where = 0, "forward", {}, ""
     kept = weight_casts  # live kept bytes
+    host = 0
     for gi, group in enumerate(groups):
         is_ckpt = ckpt and 0 < gi < len(groups) - 1
         start = kept
@@ -680,9 +691,12 @@ def estimate(spec: StepSpec) -> AnalyticalResult:
                     "gradients": 0,
                 }
                 where = f"forward of {op.name} (block {op.block})"
-            kept += op.kept_bytes
+            kept += _op_stream(op) if op_ckpt(gi) else op.kept_bytes
         if is_ckpt:  # only the group's inputs (kept already) and its output streams stay
             kept = start + _stream_bytes(d, group)
+            if offload:  # the inputs wait in host memory
+                kept -= streams_in
+                host += _pinned_stream_in_bytes(d)
 
     # ---------------------------------------------------------------- backward
     # with accumulation the gradients of the earlier micro-batches exist from the start
@@ -691,18 +705,19 @@ def estimate(spec: StepSpec) -> AnalyticalResult:
     for gi in range(len(groups) - 1, -1, -1):
         group = groups[gi]
         is_ckpt = ckpt and 0 < gi < len(groups) - 1
+        per_op = op_ckpt(gi)
         if is_ckpt:  # recompute: the group's ledgers come back
             kept -= _stream_bytes(d, group)
+            if offload:  # its inputs come back from the host
+                kept += streams_in
             base = kept
             # recomputation stops at the last tensor autograd saves: the group's final stream
-            # (the last residual add) is not recreated
+            # (the last residual add) is not recreated (offloaded: recreated, then freed)
             last = group[-1]
-            unsaved = last.kept.get("pair_stream", 0) + (
-                last.kept.get("msa_stream", 0) if last.name == "msa_transition" else 0
-            )
+            unsaved = _op_stream(last)
             for op in group:
                 here = static + base + op.kept_bytes + op.fwd_extra + grads + stream_grads
-                if op is last:
+                if op is last and not offload:
                     here -= unsaved
                 if here > peak:
                     peak, phase = here, "backward"
@@ -712,9 +727,21 @@ def estimate(spec: StepSpec) -> AnalyticalResult:
                         "gradients": grads,
                     }
                     where = f"recomputation of {op.name} (block {op.block})"
-                base += op.kept_bytes
+                base += _op_stream(op) if per_op else op.kept_bytes
             kept = base - unsaved
         for op in reversed(group):
+            if per_op:  # the op's own checkpoint: its ledger comes back, its output stays
+                rec = op.kept_bytes - _op_stream(op)
+                here = static + kept + rec + op.fwd_extra + grads + stream_grads
+                if here > peak:
+                    peak, phase = here, "backward"
+                    at_peak = {
+                        "activations": kept + rec,
+                        "backward_temporaries": op.fwd_extra + stream_grads,
+                        "gradients": grads,
+                    }
+                    where = f"recomputation of {op.name} (block {op.block})"
+                kept += rec
             here = static + kept + grads + stream_grads + op.bwd_extra
             if here > peak:
                 peak, phase = here, "backward"
@@ -766,6 +793,7 @@ def estimate(spec: StepSpec) -> AnalyticalResult:
         components["bf16_weight_copies"] = weight_casts
     return AnalyticalResult(
         peak_bytes=peak + ddp,
+        host_bytes=host,
         by_category=by_category,
         phase=phase,
         peak_at=where,
@@ -774,6 +802,21 @@ def estimate(spec: StepSpec) -> AnalyticalResult:
         parameters=counts,
         spec=spec.to_dict(),
     )
+
+
+def _stream_in_bytes(d: _Dims) -> int:
+    """The streams a checkpointed group takes as inputs: ``m`` and (with a pair) ``z``."""
+    return d.Nm * d.cm * d.e + d.Nz * d.cz * d.e
+
+
+def _pinned_stream_in_bytes(d: _Dims) -> int:
+    """The same in pinned host memory, whose allocator rounds each copy to a power of two."""
+    return pinned_bytes(d.Nm * d.cm * d.e) + (pinned_bytes(d.Nz * d.cz * d.e) if d.pair else 0)
+
+
+def _op_stream(op: OpMemory) -> int:
+    """The residual stream an op outputs (what its own checkpoint leaves for the next op)."""
+    return op.kept.get("pair_stream", 0) + op.kept.get("msa_stream", 0)
 
 
 def _stream_bytes(d: _Dims, group: list[OpMemory]) -> int:

@@ -24,6 +24,11 @@ of the same code, and :func:`cuda_emulation` closes each gap:
    purpose, so it is unaffected; the others matter only outside the fused attention kernels.)
    CUDA also casts ``addmv``, ``addr``, ``mv``, ``chain_matmul`` and ``linalg.multi_dot`` to
    bf16 where CPU autocast does not; the model does not use them and they are left alone.
+4. **Host memory.** With ``offload_checkpoints`` a CUDA run copies the checkpoint inputs to
+   pinned host memory; on fake CPU tensors the host would be the device. The context sends the
+   copies to the ``meta`` device instead (:func:`evoformer.model.checkpointing.emulated_host`),
+   which MemTracker counts apart: the traced estimate reports it as host memory, each copy
+   rounded up to a power of two as PyTorch's pinned (caching host) allocator rounds it.
 
 Not emulated (documented terms of the estimate instead): the CUDA context and cuBLAS/NCCL
 workspaces (outside ``max_memory_allocated`` or a few MiB), kernel-internal workspaces of the
@@ -43,10 +48,14 @@ from torch.autograd.graph import _engine_run_backward
 from torch.distributed._tools import mem_tracker as _mt
 from torch.overrides import TorchFunctionMode
 
+from evoformer.model.checkpointing import emulated_host, pinned_bytes
+
 #: CUDA caching allocator block granularity (c10/cuda/CUDACachingAllocator.cpp kMinBlockSize).
 CUDA_BLOCK_BYTES = 512
 
 _HALF = (torch.float16, torch.bfloat16)
+#: Where the emulation puts what a CUDA run keeps in host memory (MemTracker tracks it apart).
+HOST_DEVICE = "meta"
 
 # CUDA autocast "fp32_set_opt_dtype": called with dtype=float32 when the input is half.
 _SET_OPT_DTYPE = {
@@ -187,6 +196,10 @@ class _CudaFunctions(TorchFunctionMode):
             # A mode is off the stack while its handler runs; backward must see it (activation
             # checkpointing recomputes the forward inside backward).
             return self._backward(*args, **kwargs)
+        if func is torch.autograd.grad:
+            # the same for a backward inside a backward (an offloaded checkpoint's recomputation
+            # differentiates a group whose ops are checkpoints of their own)
+            return self._grad(*args, **kwargs)
         if torch.is_autocast_enabled("cpu"):
             if func in _SET_OPT_DTYPE and args:
                 first = args[0]
@@ -220,15 +233,54 @@ class _CudaFunctions(TorchFunctionMode):
                 accumulate_grad=True,
             )
 
+    def _grad(
+        self,
+        outputs: Any,
+        inputs: Any,
+        grad_outputs: Any = None,
+        retain_graph: bool | None = None,
+        create_graph: bool = False,
+        only_inputs: bool = True,
+        allow_unused: bool | None = None,
+        is_grads_batched: bool = False,
+        materialize_grads: bool = False,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """``torch.autograd.grad`` of tensors (sequences), run with this mode active."""
+        if is_grads_batched or materialize_grads or isinstance(inputs, dict):
+            raise NotImplementedError("cuda_emulation: torch.autograd.grad of plain tensors only")
+        outs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+        ins = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        grads = (
+            [None] * len(outs)
+            if grad_outputs is None
+            else [grad_outputs]
+            if isinstance(grad_outputs, torch.Tensor)
+            else list(grad_outputs)
+        )
+        grads = [torch.ones_like(o) if g is None else g for o, g in zip(outs, grads, strict=True)]
+        with self:
+            return _engine_run_backward(
+                outs,
+                tuple(grads),
+                create_graph if retain_graph is None else retain_graph,
+                create_graph,
+                ins,
+                bool(allow_unused),
+                accumulate_grad=False,
+            )
+
 
 def _rounded_mem(self: Any) -> int:
     mem = self.size * self.element_size
+    if torch.device(self.device).type == HOST_DEVICE:  # pinned host memory
+        return pinned_bytes(mem)
     return math.ceil(mem / CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
 
 
 @contextlib.contextmanager
 def cuda_emulation() -> Iterator[None]:
-    """Within: 512-byte blocks for every MemTracker storage, CUDA SDPA kernels and autocast policy.
+    """Within: 512-byte blocks for every MemTracker storage, CUDA SDPA kernels and autocast
+    policy, offloaded checkpoint inputs on the ``meta`` device (host memory).
 
     Use inside ``FakeTensorMode`` with fake CPU tensors (and ``torch.autocast("cpu")`` for bf16).
     """
@@ -236,7 +288,7 @@ def cuda_emulation() -> Iterator[None]:
     orig = info._calculate_mem_consumed
     info._calculate_mem_consumed = _rounded_mem  # type: ignore[method-assign]
     try:
-        with _CudaFunctions():
+        with _CudaFunctions(), emulated_host(HOST_DEVICE):
             yield
     finally:
         info._calculate_mem_consumed = orig  # type: ignore[method-assign]

@@ -20,6 +20,13 @@ checkpointing, chunking - that bring the configured micro-batch under the budget
 ``auto_micro_batch``, lowers the micro-batch to the largest one that fits and divides the global
 batch, raising gradient accumulation so the global batch is unchanged.
 
+Host memory. With ``model.offload_checkpoints`` the checkpointed blocks' inputs wait for the
+backward in pinned host memory (``host_bytes`` per process, traced on the emulated host; the
+analytical model gives the same figure in closed form). All ``n_gpus`` processes of a training
+job run on one node, so ``n_gpus * host_bytes`` must fit ``host_mem_gib * (1 - safety_margin)``
+as well (``memory.host_mem_gib``, :data:`HOST_MEM_GIB` by default: the host memory the Slurm
+profile's train rule asks for). Without offloading there is no host term and no host verdict.
+
 Candidate configurations are screened with the analytical model, scaled by the ratio
 traced/analytical of the configured step (the two agree within a few per cent); the micro-batch
 the pre-flight picks is traced again before it is accepted.
@@ -47,6 +54,10 @@ log = logging.getLogger(__name__)
 #: its first run). The gap grew with the step (84 MiB at r = 129, B = 4): a step much larger
 #: than the journal's may need more (the GPU check measures it).
 WORKSPACE_MIB = 1024
+
+#: Default ``memory.host_mem_gib``: the host memory of a training job, per node, in GiB - the
+#: 120000 MB the Slurm profile's train rule asks for (``slurm/config.yaml``, ``mem_mb``).
+HOST_MEM_GIB = 111.75
 
 #: Journal-style names of the ledger entries, for the "dominant term" of the message.
 COMPONENT_NAMES = {
@@ -82,6 +93,11 @@ class PreflightResult:
         dominant: the largest term of the configured step (name and bytes).
         suggestions: configurations of the configured step that fit (screened analytically).
         largest_fitting_micro_batch: the largest micro-batch that fits (traced), or None.
+        host_bytes: host memory per process of the configured step (pinned checkpoint inputs
+            of ``offload_checkpoints``, traced; 0 without offloading).
+        host_mem_gib: host memory of the job's node (``memory.host_mem_gib``).
+        host_budget_bytes: ``host_mem_gib * 2^30 * (1 - safety_margin)``; a step fits when
+            ``n_gpus * host_bytes`` is at most this, too.
     """
 
     fits: bool
@@ -106,6 +122,26 @@ class PreflightResult:
     spec: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     workspace_bytes: int = 0  # absent from pre-flights written before it existed
+    host_bytes: int = 0
+    host_mem_gib: float = HOST_MEM_GIB
+    host_budget_bytes: int = 0
+
+    def host_line(self, host_bytes: int | None = None) -> str:
+        """The host term of the verdict ('' without offloading)."""
+        b = self.host_bytes if host_bytes is None else host_bytes
+        if not b:
+            return ""
+        h = human_bytes
+        return (
+            f"host memory (pinned checkpoint inputs) {self.n_gpus} x {h(b)} = "
+            f"{h(self.n_gpus * b)} per node vs {h(self.host_budget_bytes)} usable "
+            f"({self.host_mem_gib:g} GiB x (1 - {self.safety_margin:g}), memory.host_mem_gib)"
+            + ("" if self.host_fits(b) else " (too much)")
+        )
+
+    def host_fits(self, host_bytes: int | None = None) -> bool:
+        b = self.host_bytes if host_bytes is None else host_bytes
+        return not b or self.n_gpus * b <= self.host_budget_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -127,7 +163,10 @@ class PreflightResult:
             f"{h(self.budget_bytes)} usable ({self.gpu_mem_gib:g} GiB x (1 - {self.safety_margin:g}))"
         )
         dom = f"dominant term: {self.dominant['name']} {h(self.dominant['bytes'])}"
-        if self.requested_peak_bytes + ws <= self.budget_bytes:
+        host = self.host_line()
+        if host:
+            head = f"{head}; {host}"
+        if self.requested_peak_bytes + ws <= self.budget_bytes and self.host_fits():
             return f"fits: {head}; {dom}"
         fit = []
         if self.largest_fitting_micro_batch:
@@ -165,9 +204,18 @@ def workspace_bytes(workspace_mib: float, device: str) -> int:
 
 def dominant_term(traced: TracedResult, analytical: AnalyticalResult) -> dict[str, Any]:
     """The largest term at the peak: a traced category, or (for activations) the largest tensor
-    kind of the analytical ledger."""
+    kind of the analytical ledger (not with offloaded checkpoints: the ledger's totals over the
+    blocks are then mostly in host memory)."""
     cats = {k: v for k, v in traced.by_category.items() if v > 0}
     cat = max(cats, key=cats.__getitem__) if cats else "activations"
+    if analytical.host_bytes:
+        return {
+            "name": f"{cat} (the checkpoint inputs wait in host memory)",
+            "component": cat,
+            "bytes": int(cats.get(cat, 0)),
+            "category": cat,
+            "category_bytes": int(cats.get(cat, 0)),
+        }
     if cat in ("activations", "backward_temporaries") and analytical.components:
         comp = max(analytical.components, key=analytical.components.__getitem__)
         return {
@@ -190,10 +238,22 @@ def _calibrated(spec: StepSpec, ratio: float) -> int:
     return int(estimate(spec).peak_bytes * ratio)
 
 
+def _host_ok(spec: StepSpec, host_budget: int | None) -> bool:
+    """Whether the step's host memory (closed form, exact) fits ``host_budget`` on its node."""
+    if host_budget is None:
+        return True
+    return spec.world_size * estimate(spec).host_bytes <= host_budget
+
+
 def largest_micro_batch(
-    spec: StepSpec, budget: int, ratio: float, verify: bool = True
+    spec: StepSpec,
+    budget: int,
+    ratio: float,
+    verify: bool = True,
+    host_budget: int | None = None,
 ) -> tuple[int | None, int]:
-    """Largest ``B <= spec.batch_size`` whose peak fits ``budget``.
+    """Largest ``B <= spec.batch_size`` whose peak fits ``budget`` (and whose host memory, all
+    processes of the node together, fits ``host_budget`` when given).
 
     Screened with the analytical model scaled by ``ratio`` (traced/analytical), then traced
     (``verify``) and lowered until the traced peak fits. Returns ``(B, traced peak)`` or
@@ -204,7 +264,8 @@ def largest_micro_batch(
     lo, hi = 0, spec.batch_size
     while lo < hi:  # analytical peak is monotone in B
         mid = (lo + hi + 1) // 2
-        if _calibrated(spec.replace(batch_size=mid), ratio) <= budget:
+        cand = spec.replace(batch_size=mid)
+        if _calibrated(cand, ratio) <= budget and _host_ok(cand, host_budget):
             lo = mid
         else:
             hi = mid - 1
@@ -213,7 +274,7 @@ def largest_micro_batch(
         peak = trace_step(spec.replace(batch_size=b)).peak_bytes
         if peak <= budget:
             # the screen may be a little pessimistic: step up while the next one fits
-            while b < spec.batch_size:
+            while b < spec.batch_size and _host_ok(spec.replace(batch_size=b + 1), host_budget):
                 nxt = trace_step(spec.replace(batch_size=b + 1)).peak_bytes
                 if nxt > budget:
                     break
@@ -225,11 +286,15 @@ def largest_micro_batch(
     return None, 0
 
 
-def suggestions(spec: StepSpec, budget: int, ratio: float) -> list[dict[str, Any]]:
+def suggestions(
+    spec: StepSpec, budget: int, ratio: float, host_budget: int | None = None
+) -> list[dict[str, Any]]:
     """Switches that bring ``spec`` (same micro-batch) under ``budget``, cheapest first.
 
     Tried: bf16 autocast, activation checkpointing of every block, chunk sizes 256 ... 8 for the
-    pair ops, and their combinations; screened analytically (scaled by ``ratio``).
+    pair ops, and their combinations; then, with checkpointing, the checkpoint inputs offloaded
+    to host memory with per-op checkpoints (when the host memory fits ``host_budget``);
+    screened analytically (scaled by ``ratio``).
     """
     m = spec.model
     options: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
@@ -261,6 +326,11 @@ def suggestions(spec: StepSpec, budget: int, ratio: float) -> list[dict[str, Any
             if x
         )
         combos.append((label, {**ck, "chunk_size": c}, bf))
+    if not m.offload_checkpoints:
+        off = {"offload_checkpoints": True, "checkpoint_ops": True}
+        label = "offload_checkpoints + checkpoint_ops"
+        parts = ("precision bf16" if bf else "", "blocks_per_ckpt 1" if ck else "", label)
+        combos.append((" + ".join(x for x in parts if x), {**ck, **off}, bf))
     out = []
     seen = set()
     for change, model_changes, step_changes in options + combos:
@@ -269,7 +339,7 @@ def suggestions(spec: StepSpec, budget: int, ratio: float) -> list[dict[str, Any
         seen.add(change)
         cand = spec.replace(model={**base_model, **model_changes}, **step_changes)
         peak = _calibrated(cand, ratio)
-        if peak <= budget:
+        if peak <= budget and _host_ok(cand, host_budget):
             out.append(
                 {
                     "change": change,
@@ -311,6 +381,7 @@ def preflight(
     raise_on_oom: bool = True,
     device: str = "cuda",
     workspace_mib: float = WORKSPACE_MIB,
+    host_mem_gib: float | None = None,
 ) -> PreflightResult:
     """Does the experiment's training step fit on ``n_gpus`` GPUs of ``gpu_mem_gib`` each?
 
@@ -332,6 +403,8 @@ def preflight(
             then the process count and ``gpu_mem_gib`` the memory per process).
         workspace_mib: the workspace allowance added to the traced peak of a ``cuda`` target
             (see the module docstring; ignored for ``cpu``).
+        host_mem_gib: host memory of the node the ``n_gpus`` processes share (``None``:
+            :data:`HOST_MEM_GIB`); checked only when the step offloads to the host.
 
     Raises:
         InputError: a bad argument, or the step does not fit (one line: predicted peak,
@@ -355,17 +428,24 @@ def preflight(
     budget = int(gpu_mem_gib * GIB * (1 - safety_margin))
     workspace = workspace_bytes(workspace_mib, spec.device)
     room = budget - workspace  # what the traced peak may take
+    host_gib = HOST_MEM_GIB if host_mem_gib is None else host_mem_gib
+    if isinstance(host_gib, bool) or not isinstance(host_gib, int | float) or not host_gib > 0:
+        raise InputError(
+            f"config key 'memory.host_mem_gib': got {host_mem_gib!r}, expected a positive number"
+        )
+    host_budget = int(host_gib * GIB * (1 - safety_margin))
 
     traced = trace_step(spec)
     analytical = estimate(spec)
     ratio = traced.peak_bytes / max(1, analytical.peak_bytes)
     dom = dominant_term(traced, analytical)
-    fits = traced.peak_bytes <= room
+    host_fits = spec.world_size * traced.host_peak_bytes <= host_budget
+    fits = traced.peak_bytes <= room and host_fits
     micro, peak, adjusted = spec.batch_size, traced.peak_bytes, False
     largest, sugg = None, []
     if not fits:
-        largest, largest_peak = largest_micro_batch(spec, room, ratio)
-        sugg = suggestions(spec, room, ratio)
+        largest, largest_peak = largest_micro_batch(spec, room, ratio, host_budget=host_budget)
+        sugg = suggestions(spec, room, ratio, host_budget)
         if auto_micro_batch and largest:
             per_gpu = global_batch // n_gpus
             b = max((d for d in range(1, largest + 1) if per_gpu % d == 0), default=0)
@@ -405,6 +485,9 @@ def preflight(
         spec=final.to_dict(),
         seconds=time.perf_counter() - t0,
         workspace_bytes=workspace,
+        host_bytes=int(traced.host_peak_bytes),
+        host_mem_gib=float(host_gib),
+        host_budget_bytes=host_budget,
     )
     if not result.fits and raise_on_oom:
         raise InputError("config 'experiment.train.micro_batch_size': " + result.message())
@@ -422,6 +505,7 @@ def write_preflight(
     auto_micro_batch: bool = False,
     device: str = "cuda",
     workspace_mib: float = WORKSPACE_MIB,
+    host_mem_gib: float | None = None,
 ) -> PreflightResult:
     """:func:`preflight` for the workflow: logs the verdict and writes ``preflight.json``
     atomically; raises :class:`InputError` (nothing written) when the step does not fit."""
@@ -435,6 +519,7 @@ def write_preflight(
         auto_micro_batch,
         device=device,
         workspace_mib=workspace_mib,
+        host_mem_gib=host_mem_gib,
     )
     log.info("%s", result.message())
     log.info(

@@ -13,6 +13,10 @@ Two steps are estimated: the pre-flight's (the target GPU, from ``preflight.json
 the run went elsewhere (a CPU fallback, another precision or process count, read from the
 summary), the step as it actually ran, so that measured/traced compares like with like.
 
+With ``model.offload_checkpoints`` the host memory the step keeps (pinned checkpoint inputs) is
+reported on its own line (analytical and traced; ``host_*_bytes`` in the row), as the pre-flight
+checks it against ``memory.host_mem_gib``.
+
 The pre-flight's workspace allowance (``memory.workspace_mib``, CUDA targets only) is reported
 on its own line and column (``workspace_allowance_bytes``), not added to any of the three
 estimates: it is part of the verdict, not of the step's tensors.
@@ -247,6 +251,8 @@ def report(
         "measured_over_traced": (measured / run_t["peak_bytes"]) if comparable else None,
         "traced_over_analytical": run_t["peak_bytes"] / run_a["peak_bytes"],
         "dominant": pf["dominant"]["name"],
+        "host_analytical_bytes": run_a.get("host_bytes", 0),
+        "host_traced_bytes": run_t.get("host_peak_bytes", 0),
     }
 
     title = f"Memory report{': ' + experiment if experiment else ''}"
@@ -265,6 +271,7 @@ def report(
         "",
         f"**Verdict**: {verdict(pf)}",
         "",
+        *_host_lines(target_a, target_t, pf),
         "## Pre-flight step (target GPU)",
         "",
         *_category_table(
@@ -324,6 +331,23 @@ def report(
     if out_json is not None:
         write_text_atomic(out_json, json.dumps(row, indent=2) + "\n")
     return row
+
+
+def _host_lines(
+    analytical: dict[str, Any], traced: dict[str, Any], pf: dict[str, Any]
+) -> list[str]:
+    """The host memory of offloaded checkpoints (nothing without offloading)."""
+    a, t = analytical.get("host_bytes", 0), traced.get("host_peak_bytes", 0)
+    if not a and not t:
+        return []
+    n = pf["n_gpus"]
+    return [
+        f"Host memory (pinned checkpoint inputs, `model.offload_checkpoints`): analytical "
+        f"{_gib(a)}, traced {_gib(t)} per process; {n} process(es) per node: {_gib(n * t)} vs "
+        f"{_gib(pf.get('host_budget_bytes'))} usable (`memory.host_mem_gib` "
+        f"{pf.get('host_mem_gib', 0):g} GiB). Not part of the GPU peaks below.",
+        "",
+    ]
 
 
 def verdict(pf: dict[str, Any]) -> str:

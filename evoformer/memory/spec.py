@@ -7,7 +7,7 @@ precision, the outer-product-mean implementation (``ours`` or the ``naive`` ``[B
 one), the device whose allocator / kernels are emulated, and the process count (DDP buckets).
 :func:`build_model` and :func:`fake_batch` give the step's model and a batch of its shapes (for
 ``FakeTensorMode``: the traced memory estimate and :mod:`evoformer.flops`). :data:`JOURNAL` is
-the journal's configuration, spelled once.
+the journal's configuration, spelled once; :data:`HVG2000` the same model at 2,000 HVGs.
 """
 
 from __future__ import annotations
@@ -48,6 +48,24 @@ JOURNAL: dict[str, dict[str, Any]] = {
     "train": {"micro_batch_size": 32, "precision": "bf16"},
     "data": {"n_hvg": 500, "n_bins": 51},
 }
+#: 2,000 HVGs (r = 2001) on one 80 GiB GPU: the journal's model with chunked pair ops, one
+#: checkpoint per block whose inputs wait in pinned host memory, and every op its own checkpoint
+#: (``offload_checkpoints``, ``checkpoint_ops``); micro-batch 16 for BioFormer, 4 for the full
+#: pair stack (``EVOFORMER_MICRO_BATCH``). Spelled here only: ``configs/hvg2000_a100.yaml``
+#: holds the BioFormer step (``tests/test_config.py`` checks it), the GPU check measures it
+#: (``benchmarks/gpu_check``, at a micro-batch whose pinned memory the GPU machine has).
+HVG2000: dict[str, dict[str, Any]] = {
+    "model": {
+        **JOURNAL["model"],
+        "chunk_size": 64,
+        "offload_checkpoints": True,
+        "checkpoint_ops": True,
+    },
+    "train": {"micro_batch_size": 16, "precision": "bf16"},
+    "data": {"n_hvg": 2000, "n_bins": 51},
+}
+#: The micro-batch of the full pair stack (``preset: evoformer``) at HVG2000's sizes.
+HVG2000_EVOFORMER_MICRO_BATCH = 4
 PRECISIONS = ("fp32", "bf16")
 OPM_KINDS = ("ours", "naive")
 DEVICE_KINDS = ("cuda", "cpu")

@@ -34,7 +34,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from evoformer.memory.emulation import cuda_emulation
+from evoformer.memory.emulation import HOST_DEVICE, cuda_emulation
 from evoformer.memory.spec import StepSpec, build_model, fake_batch, step_loss
 
 #: MemTracker category names -> ours.
@@ -60,6 +60,9 @@ class TracedResult:
             (gradients of activations and kernel outputs in backward), ``inputs`` (the batch),
             ``buffers``, ``ddp_buckets``).
         phase: where the peak happens: ``forward``, ``backward`` or ``optimizer``.
+        host_peak_bytes: peak of the host memory the step holds for the device (the checkpoint
+            inputs ``offload_checkpoints`` keeps in pinned memory; 0 without offloading). Not in
+            ``peak_bytes``.
         by_op: per Evoformer op (summed over blocks) and top-level module, the bytes the forward
             leaves alive (``kept``: saved activations plus the output) and the transient rise
             above the memory at entry (``transient``), from MemTracker's module snapshots.
@@ -71,6 +74,7 @@ class TracedResult:
     phase: str
     by_op: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
+    host_peak_bytes: int = 0
     spec: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,8 +186,10 @@ def _module_breakdown(tracker: _PhaseTracker) -> dict[str, dict[str, int]]:
         if not pre or not post:
             continue
 
-        def total(s: dict) -> int:
-            return sum(v.get("Total", 0) for v in s.values())
+        def total(s: dict) -> int:  # device memory only (not the emulated host)
+            return sum(
+                v.get("Total", 0) for d, v in s.items() if torch.device(d).type != HOST_DEVICE
+            )
 
         kept = total(post[0]) - total(pre[0])
         transient = (total(peak[0]) if peak else 0) - total(pre[0])
@@ -221,8 +227,11 @@ def trace_step(spec: StepSpec) -> TracedResult:
             train_step(model, optimizer, batch, spec)
         snap = tracker.get_tracker_snapshot("peak")
     by_category = dict.fromkeys(CATEGORIES.values(), 0)
-    peak = 0
-    for dev_snap in snap.values():
+    peak = host = 0
+    for dev, dev_snap in snap.items():
+        if torch.device(dev).type == HOST_DEVICE:  # the emulated host (offloaded checkpoints)
+            host += sum(int(v) for k, v in dev_snap.items() if str(k) == "Total")
+            continue
         for key, value in dev_snap.items():
             name = key.value if hasattr(key, "value") else str(key)
             if name == "Total":
@@ -238,6 +247,7 @@ def trace_step(spec: StepSpec) -> TracedResult:
         by_op=_module_breakdown(tracker),
         seconds=time.perf_counter() - t0,
         spec=spec.to_dict(),
+        host_peak_bytes=host,
     )
 
 

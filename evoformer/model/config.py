@@ -90,6 +90,14 @@ class ModelConfig:
             so only one chunk's intermediates live; the outer product mean's chunks keep only
             views of their inputs, so they need no recomputation.
         blocks_per_ckpt: blocks per activation checkpoint in training; ``None`` = off.
+        offload_checkpoints: keep the checkpointed groups' inputs (``m`` and ``z``) in pinned
+            host memory between forward and backward instead of on the GPU (needs
+            ``blocks_per_ckpt``; a copy to the host and one back per group and step; no effect on
+            a CPU run). The memory pre-flight counts that host memory.
+        checkpoint_ops: also make every op (residual update) of a block its own activation
+            checkpoint: the recomputation of a checkpointed group keeps only the streams between
+            its ops (with ``blocks_per_ckpt``), or the forward keeps only those (without). Costs
+            one more forward of every op in backward.
         column_attention, tri_mul_out, tri_mul_in, tri_att_start, tri_att_end, pair_transition:
             op switches; ``None`` = the preset's value.
     """
@@ -113,6 +121,8 @@ class ModelConfig:
     n_cells_per_msa: int = 1
     chunk_size: int | None = None
     blocks_per_ckpt: int | None = None
+    offload_checkpoints: bool = False
+    checkpoint_ops: bool = False
     column_attention: bool | None = None
     tri_mul_out: bool | None = None
     tri_mul_in: bool | None = None
@@ -167,6 +177,11 @@ class ModelConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
                 raise bad(key, f"got {value!r}, expected a number in [0, 1)")
+        for key in ("offload_checkpoints", "checkpoint_ops"):
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, f"got {getattr(self, key)!r}, expected true or false")
+        if self.offload_checkpoints and self.blocks_per_ckpt is None:
+            raise bad("offload_checkpoints", "offloads checkpoint inputs: set blocks_per_ckpt")
         for key in OP_SWITCHES:
             value = getattr(self, key)
             if value is not None and not isinstance(value, bool):

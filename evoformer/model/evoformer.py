@@ -24,6 +24,7 @@ from torch import nn
 from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
+from evoformer.model.checkpointing import offloaded_checkpoint
 from evoformer.model.config import ModelConfig
 from evoformer.model.dropout import DropoutColumnwise, DropoutRowwise
 from evoformer.model.msa_column_attention import MSAColumnAttention
@@ -79,6 +80,7 @@ class EvoformerBlock(nn.Module):
         pre = cfg.ln_order == "pre"
         c_m, c_z = cfg.c_m, cfg.c_z
         update_pair = update_pair and cfg.uses_pair
+        self.checkpoint_ops = cfg.checkpoint_ops
         self.msa_row_attention = Residual(
             MSARowAttentionWithPairBias(
                 c_m, c_z if cfg.uses_pair else None, cfg.c_hidden_msa, cfg.n_heads_msa
@@ -141,18 +143,25 @@ class EvoformerBlock(nn.Module):
             ``(m [*, S, r, c_m], z [*, r, r, c_z] or None)``.
         """
         with record_function("evoformer_block"):
-            m = self.msa_row_attention(m, z, msa_mask, attn_bias)
+            m = self._run(self.msa_row_attention, m, z, msa_mask, attn_bias)
             if self.msa_column_attention is not None:
-                m = self.msa_column_attention(m, msa_mask)
-            m = self.msa_transition(m)
+                m = self._run(self.msa_column_attention, m, msa_mask)
+            m = self._run(self.msa_transition, m)
             if self.outer_product_mean is not None:
-                z = self.outer_product_mean(z, msa_mask, inp=m, chunk_size=chunk_size)
+                z = self._run(self.outer_product_mean, z, msa_mask, inp=m, chunk_size=chunk_size)
             for op in (self.tri_mul_out, self.tri_mul_in, self.tri_att_start, self.tri_att_end):
                 if op is not None:
-                    z = op(z, pair_mask, chunk_size=chunk_size)
+                    z = self._run(op, z, pair_mask, chunk_size=chunk_size)
             if self.pair_transition is not None:
-                z = self.pair_transition(z, chunk_size=chunk_size)
+                z = self._run(self.pair_transition, z, chunk_size=chunk_size)
             return m, z
+
+    def _run(self, op: Residual, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``op(*args, **kwargs)``; with ``checkpoint_ops`` in training its own activation
+        checkpoint (inside a checkpointed group: while the group is recomputed in backward)."""
+        if self.checkpoint_ops and self.training and torch.is_grad_enabled():
+            return checkpoint(op, *args, use_reentrant=False, **kwargs)
+        return op(*args, **kwargs)
 
 
 class EvoformerStack(nn.Module):
@@ -160,7 +169,12 @@ class EvoformerStack(nn.Module):
 
     With ``blocks_per_ckpt = k`` (and grad enabled in training mode) each run of ``k`` consecutive
     blocks is one non-reentrant checkpoint: only its inputs are kept, its activations are
-    recomputed in backward (dropout masks reproduced through the saved RNG state).
+    recomputed in backward (dropout masks reproduced through the saved RNG state). With
+    ``offload_checkpoints`` those inputs (``m`` and ``z``) wait for the backward in pinned host
+    memory instead of on the GPU (:func:`evoformer.model.checkpointing.offloaded_checkpoint`).
+    With ``checkpoint_ops`` every op of a block is a checkpoint of its own as well: a group's
+    recomputation then keeps only the streams between its ops, and each op's activations exist
+    only while that op is differentiated.
 
     Args:
         cfg: model configuration.
@@ -173,6 +187,7 @@ class EvoformerStack(nn.Module):
         super().__init__()
         self.chunk_size = cfg.chunk_size
         self.blocks_per_ckpt = cfg.blocks_per_ckpt
+        self.offload_checkpoints = cfg.offload_checkpoints
         n = cfg.n_blocks
         self.blocks = nn.ModuleList(
             EvoformerBlock(cfg, update_pair=final_pair_update or i < n - 1) for i in range(n)
@@ -204,15 +219,19 @@ class EvoformerStack(nn.Module):
             groups = [blocks[i : i + k] for i in range(0, len(blocks), k)]
             use_ckpt = True
 
+        offload = use_ckpt and self.offload_checkpoints
         for group in groups:
 
-            def run(m_, z_, group=group):
+            def run(m_, z_, bias_, group=group):
                 for block in group:
-                    m_, z_ = block(m_, z_, msa_mask, pair_mask, self.chunk_size, attn_bias)
+                    m_, z_ = block(m_, z_, msa_mask, pair_mask, self.chunk_size, bias_)
                 return m_, z_
 
-            if use_ckpt:
-                m, z = checkpoint(run, m, z, use_reentrant=False)
+            if offload:
+                params = [p for block in group for p in block.parameters() if p.requires_grad]
+                m, z = offloaded_checkpoint(run, (m, z, attn_bias), (True, True, False), params)
+            elif use_ckpt:
+                m, z = checkpoint(run, m, z, attn_bias, use_reentrant=False)
             else:
-                m, z = run(m, z)
+                m, z = run(m, z, attn_bias)
         return m, z
