@@ -25,6 +25,7 @@ ITEMS = (
     "memory_journal",
     "memory_pair_stack",
     "throughput",
+    "compile",
     "ddp_smoke",
     "nccl_ddp",
     "loader",

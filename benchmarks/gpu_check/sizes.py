@@ -50,6 +50,8 @@ class Sizes:
     throughput_steps: int
     throughput_target_s: float
     ddp_timeout_s: int
+    #: ``train.compile`` modes the ``compile`` item times (the first is the baseline)
+    compile_modes: tuple[str, ...] = ("eager", "fused", "blocks", "model")
 
 
 def journal_step() -> StepConfig:
@@ -133,4 +135,6 @@ def cpu_sizes() -> Sizes:
         precision="fp32",
     )
     smoke = {"preset": "bioformer", "c_m": 16, "c_z": 8, "c_opm": 4, "n_blocks": 1}
-    return Sizes(journal, pair, smoke, 96, 15, 4, 8, 3, 3, 2.0, 240)
+    # no compiled mode in the dry run: a cold inductor compile takes minutes on a loaded CPU
+    # (tests/test_model_fused.py checks a compiled block against eager)
+    return Sizes(journal, pair, smoke, 96, 15, 4, 8, 3, 3, 2.0, 240, ("eager", "fused"))
