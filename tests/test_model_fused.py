@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from evoformer.errors import InputError
-from evoformer.model import BioFormer, EvoformerStack, ModelConfig, apply_value_mask
+from evoformer.model import BioFormer, EvoformerStack, ModelConfig, apply_value_mask, fused
 from evoformer.model.fused import (
     COMPILE_MODES,
     _LayerNormHeads,
@@ -105,7 +105,9 @@ def test_fused_matches_eager_bf16_autocast(preset):
     _assert_close(fused, eager, max(0.05, 2 * float(err_eager)))
 
 
-def test_layer_norm_heads_gradcheck_and_reference():
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 12])
+def test_layer_norm_heads_gradcheck_and_reference(chunk_elements, monkeypatch):
+    monkeypatch.setattr(fused, "_CHUNK_ELEMENTS", chunk_elements)  # 12: 2 rows per slice
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(9, 5, generator=g, dtype=torch.float64) * 2 + 3).requires_grad_()
     gamma = (1 + 0.1 * torch.randn(5, generator=g, dtype=torch.float64)).requires_grad_()

@@ -11,8 +11,9 @@ with fewer passes over ``z`` and fewer saved tensors:
   the centred ``z`` (matrix-vector products), no normalised ``[*, c_z]`` tensor; backward: the
   input gradient as one ``[N, H+1] x [H+1, c_z]`` product plus one ``addcmul``, the parameter
   gradients from one ``[H, N] x [N, c_z]`` product. It keeps ``z`` (alive anyway) and ``[N]``
-  / ``[H, N]`` statistics instead of ``LayerNorm(z)``, and its output is channels-first
-  (``[H, *]``), the layout attention reads.
+  / ``[H, N]`` statistics instead of ``LayerNorm(z)``, works through ``z`` in slices of 16M
+  elements (its fp32 temporaries stay small next to a bf16 ``z``), and its output is
+  channels-first (``[H, *]``), the layout attention reads.
 * :func:`add_dropout`: ``x + dropout(update)`` as one ``addcmul`` with the shared dropout mask
   (the same random draws as the module).
 * the outer product mean's normalisation, bias and residual add in one ``addcdiv`` on its
@@ -121,16 +122,19 @@ class _LayerNormHeads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, weight, eps):  # noqa: ANN001, ANN205
+        n, c = x.shape
         with torch.autocast(x.device.type, enabled=False):
             dt = _compute_dtype(x)
-            xf = x.to(dt)
-            c = xf.shape[-1]
-            inv_c = xf.new_full((c,), 1.0 / c)
-            mu = torch.mv(xf, inv_c)  # [N]
-            xc = xf - mu[:, None]  # [N, c], freed on return
-            rstd = torch.rsqrt(torch.mv(xc * xc, inv_c) + eps)  # [N]
+            inv_c = x.new_full((c,), 1.0 / c, dtype=dt)
             wg = weight.to(dt) * gamma.to(dt)  # [H, c]
-            u = torch.mm(wg, xc.t()).mul_(rstd)  # [H, N] = (W*gamma) xhat
+            mu, rstd = x.new_empty(n, dtype=dt), x.new_empty(n, dtype=dt)
+            u = x.new_empty(weight.shape[0], n, dtype=dt)  # (W*gamma) xhat
+            for s, e in _row_chunks(n, c):
+                xf = x[s:e].to(dt)
+                mu[s:e] = torch.mv(xf, inv_c)
+                xc = xf - mu[s:e, None]  # [rows, c], temporary
+                rstd[s:e] = torch.rsqrt(torch.mv(xc * xc, inv_c) + eps)
+                u[:, s:e] = torch.mm(wg, xc.t()).mul_(rstd[s:e])
             y = u + torch.mv(weight.to(dt), beta.to(dt))[:, None]
         ctx.save_for_backward(x, gamma, beta, weight, mu, rstd, u)
         return y.to(x.dtype)
@@ -139,31 +143,52 @@ class _LayerNormHeads(torch.autograd.Function):
     def backward(ctx, grad_y):  # noqa: ANN001, ANN205
         x, gamma, beta, weight, mu, rstd, u = ctx.saved_tensors
         need_x, need_g, need_b, need_w = ctx.needs_input_grad[:4]
+        need_params = need_g or need_b or need_w
+        n, c = x.shape
         dx = dgamma = dbeta = dw = None
         with torch.autocast(x.device.type, enabled=False):
             dt = _compute_dtype(x)
-            xf = x.to(dt)
-            c = xf.shape[-1]
-            g = grad_y.to(dt)  # [H, N]
             w32, g32 = weight.to(dt), gamma.to(dt)
             wg = w32 * g32  # [H, c]
-            gr = g * rstd  # [H, N]
-            if need_x:
-                alpha = (g * u).sum(0).mul_(rstd * rstd / -c)  # [N]
-                shift = torch.mv(g.t(), wg.mean(-1)).mul_(rstd).neg_().sub_(mu * alpha)  # [N]
-                k = torch.cat([gr, shift[None]], 0)  # [H+1, N]
-                a = torch.cat([wg, wg.new_ones(1, c)], 0)  # [H+1, c]
-                dx = torch.mm(k.t(), a).addcmul_(xf, alpha[:, None]).to(x.dtype)  # [N, c]
-            if need_g or need_b or need_w:
-                m = torch.mm(gr, xf).sub_(torch.mv(gr, mu)[:, None])  # [H, c] = sum_n g xhat
-                gsum = g.sum(1)  # [H]
-                if need_w:
-                    dw = (g32 * m + gsum[:, None] * beta.to(dt)).to(weight.dtype)
-                if need_g:
-                    dgamma = (w32 * m).sum(0).to(gamma.dtype)
-                if need_b:
-                    dbeta = torch.mv(w32.t(), gsum).to(beta.dtype)
+            a = torch.cat([wg, wg.new_ones(1, c)], 0)  # [H+1, c]
+            m = wg.new_zeros(wg.shape)  # sum_n g xhat, [H, c]
+            gsum = wg.new_zeros(wg.shape[0])  # sum_n g, [H]
+            chunks = _row_chunks(n, c)
+            if need_x and len(chunks) > 1:
+                dx = torch.empty_like(x)
+            for s, e in chunks:
+                xf, g = x[s:e].to(dt), grad_y[:, s:e].to(dt)  # [rows, c], [H, rows]
+                r_, mu_ = rstd[s:e], mu[s:e]
+                gr = g * r_
+                if need_x:
+                    alpha = (g * u[:, s:e]).sum(0).mul_(r_ * r_ / -c)  # [rows]
+                    shift = torch.mv(g.t(), wg.mean(-1)).mul_(r_).neg_().sub_(mu_ * alpha)
+                    k = torch.cat([gr, shift[None]], 0)  # [H+1, rows]
+                    part = torch.mm(k.t(), a).addcmul_(xf, alpha[:, None])  # [rows, c]
+                    if dx is None:  # one slice: no copy
+                        dx = part.to(x.dtype)
+                    else:
+                        dx[s:e] = part
+                if need_params:
+                    m += torch.mm(gr, xf).sub_(torch.mv(gr, mu_)[:, None])
+                    gsum += g.sum(1)
+            if need_w:
+                dw = (g32 * m + gsum[:, None] * beta.to(dt)).to(weight.dtype)
+            if need_g:
+                dgamma = (w32 * m).sum(0).to(gamma.dtype)
+            if need_b:
+                dbeta = torch.mv(w32.t(), gsum).to(beta.dtype)
         return dx, dgamma, dbeta, dw, None
+
+
+#: Elements of ``x`` per slice of :class:`_LayerNormHeads` (its fp32 temporaries are a few
+#: slices, not a few ``z``: a bf16 ``z`` of gigabytes is never copied to fp32 whole).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_chunks(n: int, c: int) -> list[tuple[int, int]]:
+    rows = max(1, _CHUNK_ELEMENTS // c)
+    return [(s, min(n, s + rows)) for s in range(0, n, rows)]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
