@@ -95,6 +95,7 @@ from evoformer.flops.peaks import device_peak, throughput_fields
 from evoformer.io import atomic_path, save_torch_atomic, write_text_atomic
 from evoformer.memory.measured import record_cpu_peak
 from evoformer.model import count_parameters
+from evoformer.model.fused import adamw_options, compile_model
 from evoformer.model.saved import init_from_pretrained
 from evoformer.tasks import TASKS, StepContext, TaskInputs, TaskLoss
 from evoformer.train_config import RunSpec, TrainConfig, lower_is_better
@@ -269,13 +270,17 @@ class Trainer:
         self.raw_model.to(self.device)
         # DDP only synchronises gradients of computations run through its forward, so the loss
         # is computed inside forward by a thin wrapper: model(batch) -> (loss, metrics).
-        inner = torch.compile(self.raw_model) if cfg.compile else self.raw_model
+        # train.compile: fused paths / torch.compile, applied in place (evoformer.model.fused)
+        inner = compile_model(self.raw_model, cfg.compile)
         self.model: torch.nn.Module = TaskLoss(inner, self.task)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DDP(self.model, device_ids=ids)
         self.optimizer = torch.optim.AdamW(
-            self.raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+            self.raw_model.parameters(),
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            **adamw_options(cfg.compile),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg, self.total_steps)

@@ -14,6 +14,7 @@ from typing import Any
 from evoformer.errors import InputError
 from evoformer.metrics import LOWER_IS_BETTER
 from evoformer.model import ModelConfig
+from evoformer.model.fused import compile_mode
 from evoformer.model.prior import check_prior_mode
 from evoformer.typed import from_plain
 
@@ -89,7 +90,9 @@ class TrainConfig:
     label_head: bool = False  # also train a cell-label head on CLS (needs a label column)
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
-    compile: bool = False  # torch.compile the model
+    # the step's fused paths / compilation (evoformer.model.fused.COMPILE_MODES): eager | fused |
+    # blocks | model; false = fused (no compilation), true = model
+    compile: bool | str = False
     cpu_processes: int = 2  # processes torchrun starts when no CUDA device is visible
     loader_workers: int = 0  # DataLoader worker processes per training process (0: in-process)
     val_every: int | None = None  # optimizer steps between validations (None: every epoch)
@@ -152,6 +155,10 @@ class TrainConfig:
         f = self.mask_nonzero_fraction
         if f is not None and not 0.0 <= f <= 1.0:
             raise bad("mask_nonzero_fraction", "must be in [0, 1] or null")
+        try:
+            compile_mode(self.compile)
+        except ValueError as exc:
+            raise bad("compile", str(exc)) from None
         if self.precision not in ("auto", "bf16", "fp32"):
             raise bad("precision", "must be auto, bf16 or fp32")
         if self.lr <= 0:

@@ -19,6 +19,7 @@ ITEMS = (
     "memory_pair_stack",
     "memory_r2001",
     "throughput",
+    "compile",
     "sdpa",
     "ddp_smoke",
     "nccl_ddp",
@@ -128,6 +129,13 @@ def test_cpu_dry_run_end_to_end(tmp_path):
         assert r["model_flops_utilization"] is None  # no peak for a CPU
         assert r["traffic_bytes_per_step"] > 0 and 0 < r["pair_traffic_share"] < 1
     assert rows["bf16"]["traffic_bytes_per_step"] < rows["fp32"]["traffic_bytes_per_step"]
+    compiled = items["compile"]
+    assert [r["mode"] for r in compiled["rows"]] == ["eager", "fused"]
+    for r in compiled["rows"]:
+        assert r["status"] == "ok" and r["samples_per_s"] > 0 and r["speedup"] > 0
+        assert r["model_tflops_per_s"] == pytest.approx(
+            r["model_flops_per_sample"] * r["samples_per_s"] / 1e12
+        )
     sdpa = items["sdpa"]
     assert sdpa["probes"]["float32"]["MATH"] == "ok"
     assert set(sdpa["training_step"]) == {"journal", "pair_stack"}
@@ -153,6 +161,7 @@ def test_cpu_dry_run_end_to_end(tmp_path):
         "## Peak memory of one training step",
         "| traced + allowance >= measured |",
         "## Training throughput",
+        "## Eager vs fused vs compiled step",
         "## SDPA backends",
         "## Training entry point smoke run",
         "## Process group + DDP",

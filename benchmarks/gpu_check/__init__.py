@@ -38,6 +38,11 @@ a run cut short keeps what it measured; a global ``--budget-s`` skips what is le
     model and executed TFLOP/s and their share of the device's datasheet peak
     (:mod:`evoformer.flops.peaks`), and the bytes per second the traffic estimate implies
     against the device's memory bandwidth.
+``compile``
+    The journal step in every ``train.compile`` mode (``eager``, ``fused``, ``blocks``,
+    ``model``; :mod:`evoformer.model.fused`; the dry run times eager and fused), timed as
+    ``throughput`` times a precision, with its first step (compilation included), model TFLOP/s,
+    share of the peak and speedup over ``eager`` (issue 19's target: >= 3x on the same GPU).
 ``ddp_smoke``
     The real training entry point, ``python -m evoformer.launch -- ...`` (torchrun, one process
     per visible GPU), on a small binned dataset written here with numpy; passes if it exits 0
@@ -61,7 +66,7 @@ a run cut short keeps what it measured; a global ``--budget-s`` skips what is le
     those inputs when forced alone (``torch.nn.attention.sdpa_kernel``, forward + backward). Runs
     last, so a forced backend that crashes the process costs no other item.
 
-Modules: ``__main__`` (the driver), one per item (``env``, ``memory``, ``throughput``,
+Modules: ``__main__`` (the driver), one per item (``env``, ``memory``, ``throughput``, ``compile``,
 ``ddp_smoke``, ``nccl_ddp``, ``loader``, ``sdpa``), and what they share: ``sizes`` (the
 configurations; the journal's is :data:`evoformer.memory.spec.JOURNAL`), ``step`` (the
 trainer's step and its FLOP accounting), ``common`` (formatting, results, context), ``data``,

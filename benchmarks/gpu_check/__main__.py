@@ -37,6 +37,7 @@ from benchmarks.gpu_check.common import (  # noqa: E402
     human,
     progress,
 )
+from benchmarks.gpu_check.compile import item_compile  # noqa: E402
 from benchmarks.gpu_check.ddp_smoke import item_ddp_smoke  # noqa: E402
 from benchmarks.gpu_check.env import item_env  # noqa: E402
 from benchmarks.gpu_check.loader import item_loader  # noqa: E402
@@ -52,6 +53,7 @@ ITEM_FUNCS: dict[str, Callable[[Context, Callable[[dict], None]], dict[str, Any]
     "memory_pair_stack": lambda c, p: item_memory(c, p, c.sizes.pair_stack),
     "memory_r2001": lambda c, p: item_memory(c, p, c.sizes.r2001),
     "throughput": item_throughput,
+    "compile": item_compile,
     "sdpa": item_sdpa,
     "ddp_smoke": item_ddp_smoke,
     "nccl_ddp": item_nccl_ddp,
@@ -125,6 +127,16 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
                     )
                     if r.get("status") == "ok"
                     else f"{r['precision']} {r.get('status')}"
+                    for r in e.get("rows") or []
+                )
+            )
+        if name == "compile":
+            bits.append(
+                ", ".join(
+                    f"{r['mode']} {fmt(r.get('samples_per_s'), 4)} samples/s "
+                    f"({fmt(r.get('speedup'), 3)}x)"
+                    if r.get("status") == "ok"
+                    else f"{r['mode']} {r.get('status')}"
                     for r in e.get("rows") or []
                 )
             )

@@ -26,6 +26,7 @@ ITEMS = (
     "memory_pair_stack",
     "memory_r2001",
     "throughput",
+    "compile",
     "ddp_smoke",
     "nccl_ddp",
     "loader",

@@ -96,6 +96,30 @@ def render_markdown(data: dict[str, Any]) -> str:
             lines += _efficiency_table(counted)
         lines += _status_line(thr)
 
+    cp = items.get("compile")
+    if cp:
+        lines += [
+            "## Eager vs fused vs compiled step (`train.compile`, journal configuration)",
+            "",
+            f"{fmt(cp.get('config'))}; each mode (`evoformer.model.fused`) timed as the "
+            "throughput item times a precision; *first step* includes compilation; speedup = "
+            "samples/s over eager's (the step before issue 19; target >= 3x).",
+            "",
+            "| mode | samples/s | step ms | first step s | model TFLOP/s | of peak | speedup "
+            "| peak allocated | note |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in cp.get("rows") or []:
+            lines.append(
+                f"| {r.get('mode')} | {fmt(r.get('samples_per_s'), 4)} "
+                f"| {fmt(r.get('step_ms'), 4)} | {fmt(r.get('first_step_s'), 3)} "
+                f"| {fmt(r.get('model_tflops_per_s'), 4)} "
+                f"| {pct(r.get('model_flops_utilization'))} | {fmt(r.get('speedup'), 3)} "
+                f"| {human(r.get('peak_bytes'))} | {fmt(r.get('note') or r.get('status'))} |"
+            )
+        lines.append("")
+        lines += _status_line(cp)
+
     sd = items.get("sdpa")
     if sd:
         lines += ["## SDPA backends for the MSA row attention", ""]

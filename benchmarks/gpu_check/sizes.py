@@ -55,6 +55,8 @@ class Sizes:
     throughput_target_s: float
     ddp_timeout_s: int
     r2001: StepConfig  # offloaded and per-op checkpoints (item memory_r2001)
+    #: ``train.compile`` modes the ``compile`` item times (the first is the baseline)
+    compile_modes: tuple[str, ...] = ("eager", "fused", "blocks", "model")
 
 
 def journal_step() -> StepConfig:
@@ -168,4 +170,6 @@ def cpu_sizes() -> Sizes:
         micro_batch=2,
         precision="fp32",
     )
-    return Sizes(journal, pair, smoke, 96, 15, 4, 8, 3, 3, 2.0, 240, r2001)
+    # no compiled mode in the dry run: a cold inductor compile takes minutes on a loaded CPU
+    # (tests/test_model_fused.py checks a compiled block against eager)
+    return Sizes(journal, pair, smoke, 96, 15, 4, 8, 3, 3, 2.0, 240, r2001, ("eager", "fused"))

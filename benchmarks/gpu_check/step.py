@@ -16,15 +16,21 @@ if TYPE_CHECKING:
 
 
 def build(
-    cfg: StepConfig, device: torch.device
+    cfg: StepConfig, device: torch.device, compile: str | bool = "eager"
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict[str, torch.Tensor]]:
-    """BioFormer, AdamW (the trainer's settings) and one masked batch ``[B, S, L]`` on ``device``."""
+    """BioFormer, AdamW (the trainer's settings) and one masked batch ``[B, S, L]`` on ``device``;
+    ``compile``: a ``train.compile`` mode applied as the trainer applies it (fused paths,
+    ``torch.compile``, the AdamW options; :mod:`evoformer.model.fused`), default ``eager``."""
     from evoformer.model import BioFormer, ModelConfig, apply_value_mask
+    from evoformer.model.fused import adamw_options, compile_model
 
     mcfg = ModelConfig.from_dict(cfg.model)
     torch.manual_seed(0)
     model = BioFormer(mcfg, n_genes=cfg.n_hvg, n_bins=cfg.n_bins, n_labels=0).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    compile_model(model, compile)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-3, weight_decay=0.01, **adamw_options(compile)
+    )
     b, s, length = cfg.micro_batch, mcfg.n_cells_per_msa, cfg.n_hvg
     gen = torch.Generator().manual_seed(1)
     values = torch.randint(0, cfg.n_bins, (b, s, length), generator=gen)

@@ -15,9 +15,14 @@ from benchmarks.gpu_check.sizes import StepConfig
 from benchmarks.gpu_check.step import build, efficiency, train_step
 
 
-def _timed_steps(ctx: Context, cfg: StepConfig, precision: str) -> dict[str, Any]:
+def timed_steps(
+    ctx: Context, cfg: StepConfig, precision: str, compile: str = "eager"
+) -> dict[str, Any]:
+    """Samples/s of a timed loop of ``cfg``'s training step in ``precision`` after two warm-up
+    steps (the first, ``first_step_s``, includes any compilation of the ``train.compile`` mode
+    ``compile``)."""
     dev = ctx.device
-    model, optimizer, batch = build(cfg, dev)
+    model, optimizer, batch = build(cfg, dev, compile)
     try:
         t0 = time.perf_counter()
         train_step(model, optimizer, batch, precision, dev)  # allocations, AdamW state
@@ -63,7 +68,7 @@ def item_throughput(ctx: Context, partial: Callable[[dict], None]) -> dict[str, 
     for precision in ("bf16", "fp32"):
         progress(f"  throughput {precision}")
         try:
-            row = _timed_steps(ctx, cfg, precision)
+            row = timed_steps(ctx, cfg, precision)
             rows.append(row)
             try:  # after the timing: the fake-tensor count runs on the CPU alone
                 row.update(

@@ -21,12 +21,17 @@ class _SharedDropout(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[*, R, C, c] -> [*, R, C, c]``: identity in eval mode or when ``p == 0``."""
+        keep = self.keep_mask(x)
+        return x if keep is None else x * keep
+
+    def keep_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The scaled mask ``[*, R, C, c]`` with size 1 along the shared dim (0 or ``1/(1-p)``),
+        or None when the module is the identity (eval mode, ``p == 0``)."""
         if not self.training or self.p == 0.0:
-            return x
+            return None
         shape = list(x.shape)
         shape[self.shared_dim] = 1
-        keep = F.dropout(x.new_ones(shape), p=self.p, training=True)
-        return x * keep
+        return F.dropout(x.new_ones(shape), p=self.p, training=True)
 
 
 class DropoutRowwise(_SharedDropout):

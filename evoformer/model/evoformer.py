@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from evoformer.model.checkpointing import offloaded_checkpoint
 from evoformer.model.config import ModelConfig
 from evoformer.model.dropout import DropoutColumnwise, DropoutRowwise
+from evoformer.model.fused import add_dropout
 from evoformer.model.msa_column_attention import MSAColumnAttention
 from evoformer.model.msa_row_attention import MSARowAttentionWithPairBias
 from evoformer.model.outer_product_mean import OuterProductMean
@@ -45,7 +46,13 @@ class Residual(nn.Module):
             ``post`` order (they differ only for the outer product mean, ``c_m`` vs ``c_z``).
         pre: ``pre`` (True) or ``post`` (False) LayerNorm order.
         dropout: module applied to the update (identity when None).
+
+    ``fused`` (:func:`evoformer.model.fused.set_fused`): the dropout and the residual add in one
+    pass (:func:`evoformer.model.fused.add_dropout`); an op with ``adds_residual`` (the outer
+    product mean, which has no dropout) adds ``x`` into its own output (``residual=x``).
     """
+
+    fused: bool = False
 
     def __init__(self, op: nn.Module, c_ln: int, pre: bool, dropout: nn.Module | None = None):
         super().__init__()
@@ -60,8 +67,14 @@ class Residual(nn.Module):
         """``x``: the residual stream; ``inp``: the op's input when it is another stream (OPM)."""
         src = x if inp is None else inp
         if self.pre:
-            return x + self.dropout(self.op(self.layer_norm(src), *args, **kwargs))
-        return self.layer_norm(x + self.dropout(self.op(src, *args, **kwargs)))
+            src = self.layer_norm(src)
+        if not self.fused:
+            out = x + self.dropout(self.op(src, *args, **kwargs))
+        elif getattr(self.op, "adds_residual", False) and isinstance(self.dropout, nn.Identity):
+            out = self.op(src, *args, residual=x, **kwargs)
+        else:
+            out = add_dropout(x, self.op(src, *args, **kwargs), self.dropout)
+        return out if self.pre else self.layer_norm(out)
 
 
 class EvoformerBlock(nn.Module):

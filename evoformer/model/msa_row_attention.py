@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from evoformer.model.fused import layer_norm_heads
 from evoformer.model.primitives import Attention, LayerNorm, Linear
 
 
@@ -18,8 +19,11 @@ class MSARowAttentionWithPairBias(nn.Module):
 
     ``bias[h, i, j] = Linear(LayerNorm(z_ij))_h`` is shared by all ``S`` rows; masked keys get
     ``-inf``. Attention runs through SDPA; logits exist only inside the kernel on GPU.
-    ``c_z=None``: no pair bias (``z`` must then be None).
+    ``c_z=None``: no pair bias (``z`` must then be None). ``fused``: the pair bias through
+    :func:`evoformer.model.fused.layer_norm_heads` (same values, one pass over ``z`` fewer).
     """
+
+    fused: bool = False
 
     def __init__(self, c_m: int, c_z: int | None, c_hidden: int, n_heads: int) -> None:
         super().__init__()
@@ -52,8 +56,13 @@ class MSARowAttentionWithPairBias(nn.Module):
         with record_function("msa_row_attention"):
             if self.linear_z is None or self.layer_norm_z is None:
                 return self.mha(m, attn_bias, key_mask=msa_mask)
-            pair_bias = self.linear_z(self.layer_norm_z(z))  # [*, r, r, H]
-            pair_bias = pair_bias.movedim(-1, -3).unsqueeze(-4)  # [*, 1, H, r, r]
+            if self.fused:
+                pair_bias = layer_norm_heads(z, self.layer_norm_z, self.linear_z.weight)
+                # [H, *, r, r] -> [*, 1, H, r, r]
+                pair_bias = pair_bias.movedim(0, -3).unsqueeze(-4)
+            else:
+                pair_bias = self.linear_z(self.layer_norm_z(z))  # [*, r, r, H]
+                pair_bias = pair_bias.movedim(-1, -3).unsqueeze(-4)  # [*, 1, H, r, r]
             if attn_bias is not None:
                 pair_bias = pair_bias + attn_bias.to(pair_bias.dtype)
             return self.mha(m, pair_bias, key_mask=msa_mask)  # keys of row s: msa_mask[s]

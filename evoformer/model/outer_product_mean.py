@@ -24,7 +24,11 @@ from evoformer.model.primitives import Linear, chunked
 
 
 class OuterProductMean(nn.Module):
-    """MSA ``[*, S, r, c_m]`` -> pair update ``[*, r, r, c_z]``."""
+    """MSA ``[*, S, r, c_m]`` -> pair update ``[*, r, r, c_z]`` (or, given ``residual``, the
+    updated pair representation: see :meth:`forward`)."""
+
+    #: ``forward`` takes ``residual=`` (:class:`evoformer.model.evoformer.Residual`'s fused path)
+    adds_residual = True
 
     def __init__(self, c_m: int, c_z: int, c_hidden: int, eps: float = 1e-3) -> None:
         super().__init__()
@@ -37,16 +41,22 @@ class OuterProductMean(nn.Module):
         self.linear_out = Linear(c_hidden * c_hidden, c_z, init="final")
 
     def forward(
-        self, m: torch.Tensor, msa_mask: torch.Tensor, chunk_size: int | None = None
+        self,
+        m: torch.Tensor,
+        msa_mask: torch.Tensor,
+        chunk_size: int | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
             m: ``[*, S, r, c_m]`` (layer-normed in pre-LN order).
             msa_mask: ``[*, S, r]`` 1 = real token.
             chunk_size: output rows ``i`` per chunk, or ``None``.
+            residual: ``[*, r, r, c_z]`` added to the update in the same pass as its
+                normalisation (``addcdiv`` on the matmul output), or None.
 
         Returns:
-            ``[*, r, r, c_z]`` update.
+            ``[*, r, r, c_z]`` update (plus ``residual``).
         """
         with record_function("outer_product_mean"):
             mask = msa_mask.to(m.dtype).unsqueeze(-1)  # [*, S, r, 1]
@@ -64,16 +74,22 @@ class OuterProductMean(nn.Module):
             norm = torch.einsum("...si,...sj->...ij", mask2, mask2).unsqueeze(-1)  # [*, r, r, 1]
             bias = self.linear_out.bias
 
-            def rows(a_i: torch.Tensor, q_: torch.Tensor, norm_i: torch.Tensor) -> torch.Tensor:
+            def rows(
+                a_i: torch.Tensor, q_: torch.Tensor, norm_i: torch.Tensor, *res_i: torch.Tensor
+            ) -> torch.Tensor:
                 out = a_i @ q_  # [*, I, r*z]
+                if res_i:  # res + out / n + bias: addcdiv keeps only n (out's grad is g / n)
+                    out4 = out.view(*a_i.shape[:-1], r, self.c_z)
+                    return torch.addcdiv(res_i[0], out4, norm_i + self.eps).add_(bias)
                 out = _DivAddInplace.apply(out, norm_i + self.eps, bias.to(out.dtype))
                 return out.view(*a_i.shape[:-1], r, self.c_z)  # [*, I, r, z]
 
+            args, dims = [a_flat, q, norm], [-2, None, -3]
+            if residual is not None:
+                args, dims = [*args, residual], [*dims, -3]
             # a chunk's autograd keeps only views of a_flat and q and its small denominator:
             # nothing to recompute
-            return chunked(
-                rows, [a_flat, q, norm], [-2, None, -3], chunk_size, out_dim=-3, recompute=False
-            )
+            return chunked(rows, args, dims, chunk_size, out_dim=-3, recompute=False)
 
 
 class _DivAddInplace(torch.autograd.Function):
