@@ -202,3 +202,79 @@ def test_a_perturbation_only_config_needs_no_experiment_but_masked_expression_do
     lines = _error_lines(proc.stdout)
     assert proc.returncode != 0 and len(lines) == 1, proc.stdout[-2000:]
     assert lines[0].startswith("invalid config: experiment: required by the masked_expression")
+
+
+# ----------------------------------------------------------------------------- the models
+MODEL_SECTION = {
+    "model": {"c_m": 16, "c_z": 8, "c_opm": 4, "n_heads_msa": 2, "c_hidden_msa": 8, "n_blocks": 1},
+    "train": {
+        "micro_batch_size": 8,
+        "global_batch_size": 16,
+        "epochs": 1,
+        "warmup_steps": 2,
+        "log_every": 2,
+        "cpu_processes": 1,
+    },  # fmt: skip
+    "n_eval_controls": 4,
+    "pretrain": {
+        "train": {"micro_batch_size": 8, "global_batch_size": 16, "epochs": 1, "cpu_processes": 1}
+    },  # fmt: skip
+    "sweep": {"preset": ["none", "bioformer"], "init": ["scratch", "pretrained"]},
+}
+
+
+def test_the_models_train_pretrain_and_join_the_table(make_workflow):
+    """Each grid point of perturbation.sweep is pre-flighted, (pre)trained per split, predicts
+    the split's held-out conditions and is a method of the table beside the baselines; a
+    training setting reruns the trainings, predictions and tables, not the pretraining."""
+    wf = make_workflow("models")
+    section = {**PERTURBATION, "splits": {"simulation": {"kind": "simulation", "seed": 0}}}
+    config = _config(wf, perturbation={**section, **MODEL_SECTION})
+    jobs = wf.planned_jobs(configfile=config)
+    assert jobs["perturb_preflight"] == 4 and jobs["perturb_train"] == 4
+    assert jobs["perturb_pretrain"] == 2 and jobs["perturb_predict"] == 4
+    wf.run(configfile=config)
+    table = pd.read_csv(wf.root / "results/tables/perturbation.tsv", sep="\t")
+    methods = set(table["method"])
+    assert {"none", "none+pretrained", "bioformer", "bioformer+pretrained"} <= methods
+    assert set(COMPETITORS) <= methods  # the baselines, always
+    summary = (wf.root / "results/tables/perturbation_summary.md").read_text()
+    assert summary.splitlines()[2].startswith("**In short.**") and "`bioformer`" in summary
+    models = wf.root / "results/screen/hvg20/perturbation/simulation/models"
+    fine = json.loads(
+        (models / "preset~bioformer_init~pretrained/train/performance_summary.json").read_text()
+    )
+    assert fine["task"] == "perturbation" and "gene_embedding.weight" in fine["init"]["copied"]
+    preflight = json.loads(
+        (
+            wf.root
+            / "results/screen/hvg20/perturbation/preflight/preset~bioformer_init~scratch.json"
+        ).read_text()
+    )
+    assert preflight["fits"] and preflight["spec"]["task"] == "perturbation"
+    lr = {**MODEL_SECTION, "train": {**MODEL_SECTION["train"], "lr": 0.002}}
+    changed = _config(wf, "lr", perturbation={**section, **lr})
+    assert wf.planned_jobs(configfile=changed) == {
+        "all": 1,
+        "perturb_train": 4,
+        "perturb_predict": 4,
+        "perturb_evaluate": 1,
+        "perturb_tables": 1,
+    }
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        ({"init": ["warm"]}, "invalid config: config key 'perturbation.sweep.init': 'warm'"),
+        ({"depth": [1]}, "invalid config: config key 'perturbation.sweep.depth' is not"),
+        ({"prior": ["nope"]}, "invalid config: config key 'perturbation.sweep.prior': 'nope'"),
+    ],
+)
+def test_bad_model_settings_stop_a_dry_run(make_workflow, sweep, message):
+    wf = make_workflow("bad_model")
+    section = {**PERTURBATION, **MODEL_SECTION, "sweep": sweep}
+    proc = wf.run("--dry-run", configfile=_config(wf, perturbation=section), check=False)
+    lines = _error_lines(proc.stdout)
+    assert proc.returncode != 0 and len(lines) == 1, proc.stdout[-2000:]
+    assert lines[0].startswith(message), lines

@@ -124,13 +124,26 @@ class Task(ABC):
         """The metrics of a validation for the log (the monitor is added by the trainer)."""
 
     # ------------------------------------------------------------------ outputs
-    @abstractmethod
     def model_file(self) -> dict[str, Any]:
-        """What ``model.pt`` carries besides the weights and configs (rebuilds the model)."""
+        """What ``model.pt`` carries besides the weights and configs (rebuilds the model); a
+        task adds its own keys."""
+        return {"n_genes": len(self.genes), "n_bins": self.n_bins, "genes": self.genes}
 
-    @abstractmethod
     def step_spec(self, micro_batch_size: int, precision: str, device: str) -> StepSpec:
         """The shapes of one training micro-batch (the FLOP count)."""
+        prior = self.spec.prior
+        return StepSpec(
+            model=self.spec.model,
+            batch_size=micro_batch_size,
+            seq_len=int(self.data.values.shape[1]),
+            n_genes=len(self.genes),
+            n_bins=self.n_bins,
+            precision=precision,
+            device=device,
+            prior=prior is not None,
+            prior_mode=prior.mode if prior is not None else "init",
+            task=self.name,
+        )
 
 
 class TaskLoss(torch.nn.Module):

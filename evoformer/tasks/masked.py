@@ -17,6 +17,7 @@ Validation: ``val_loss``, ``val_bin_acc`` (bin space) and ``val_expr_*`` (expres
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -275,23 +276,8 @@ class MaskedExpression(Task):
         )
 
     def model_file(self) -> dict[str, Any]:
-        return {
-            "n_genes": len(self.genes),
-            "n_bins": self.n_bins,
-            "n_labels": self.n_labels,
-            "label_names": self.label_names,
-            "genes": self.genes,
-        }
+        return {**super().model_file(), "n_labels": self.n_labels, "label_names": self.label_names}
 
     def step_spec(self, micro_batch_size: int, precision: str, device: str) -> StepSpec:
-        return StepSpec(
-            model=self.spec.model,
-            batch_size=micro_batch_size,
-            seq_len=int(self.data.values.shape[1]),
-            n_genes=len(self.genes),
-            n_bins=self.n_bins,
-            n_labels=self.n_labels,
-            precision=precision,
-            device=device,
-            prior=self.spec.prior is not None,
-        )
+        spec = super().step_spec(micro_batch_size, precision, device)
+        return dataclasses.replace(spec, n_labels=self.n_labels)

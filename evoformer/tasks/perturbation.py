@@ -48,7 +48,6 @@ from evoformer.data.arrays import BinnedData
 from evoformer.distributed import all_reduce_
 from evoformer.errors import InputError
 from evoformer.io import atomic_path
-from evoformer.memory.spec import StepSpec
 from evoformer.model import BioFormer, mask_generator
 from evoformer.perturb.conditions import CONTROL, condition_genes
 from evoformer.perturb.layouts import TYPES
@@ -352,26 +351,11 @@ class Perturbation(Task):
 
     def model_file(self) -> dict[str, Any]:
         return {
-            "n_genes": len(self.genes),
-            "n_bins": self.n_bins,
-            "genes": self.genes,
+            **super().model_file(),
             "output": "expression",
             "n_perturbation_types": len(TYPES),
             "perturbation": self.settings.to_dict(),
         }
-
-    def step_spec(self, micro_batch_size: int, precision: str, device: str) -> StepSpec:
-        return StepSpec(
-            model=self.spec.model,
-            batch_size=micro_batch_size,
-            seq_len=len(self.cells.tokens),
-            n_genes=len(self.genes),
-            n_bins=self.n_bins,
-            precision=precision,
-            device=device,
-            prior=self.spec.prior is not None,
-            task=self.name,
-        )
 
 
 def predict_file(
