@@ -301,7 +301,7 @@ class RunSpec:
             prior=None if prior is None else from_plain(PriorConfig, prior, "experiment.prior"),
             perturbation=None
             if perturbation is None
-            else PerturbationSettings.from_dict(perturbation),
+            else PerturbationSettings.from_dict(perturbation, where),
             **dataclasses.asdict(rest),
         )
         if spec.task not in TASK_METRICS:
@@ -316,8 +316,9 @@ class RunSpec:
         if not 0.0 < spec.val_mask_ratio < 1.0:
             raise InputError("config key 'evaluation.mask_ratio' must be in (0, 1)")
         if spec.prior is not None and not model.uses_pair:
+            key = "experiment.prior" if where == "spec" else f"{where}.prior"
             raise InputError(
-                "config key 'experiment.prior': a prior network enters the pair representation, "
+                f"config key '{key}': a prior network enters the pair representation, "
                 "but model preset none has none"
             )
         return spec

@@ -286,9 +286,7 @@ def perturb_methods():
 def perturb_preflight_params(wildcards):
     """What the pre-flight of a perturbation model reads (as preflight_params does)."""
     p = config["perturbation"]
-    spec = perturb_models.run_spec(
-        config, perturb_point(wildcards), "pretrained model (not read)"
-    )
+    spec = perturb_models.run_spec(config, perturb_point(wildcards))
     return canonical(
         {
             "model": spec["model"],

@@ -259,3 +259,12 @@ def test_finetuning_refuses_other_genes_and_shapes(screen, tmp_path: Path) -> No
     wider = BioFormer(ModelConfig.from_dict({**MODEL, "c_z": 16}), n_genes=10, n_bins=11)
     with pytest.raises(InputError, match=r"parameter pair_left.weight is \[8, 16\]"):
         init_from_pretrained(wider, path, genes)
+    deeper = BioFormer(ModelConfig.from_dict({**MODEL, "n_blocks": 2}), n_genes=10, n_bins=11)
+    with pytest.raises(InputError, match=r"architecture \(parameter stack.blocks"):
+        init_from_pretrained(deeper, path, genes)
+    plain = BioFormer(ModelConfig.from_dict({**MODEL, "preset": "none"}), n_genes=10, n_bins=11)
+    with pytest.raises(InputError, match="architecture"):
+        init_from_pretrained(plain, path, genes)
+    other_bins = BioFormer(ModelConfig.from_dict(MODEL), n_genes=10, n_bins=21)
+    with pytest.raises(InputError, match="pretrained with n_bins 11, this model has 21"):
+        init_from_pretrained(other_bins, path, genes)

@@ -269,7 +269,7 @@ def _from_perturbation_config(
         seq_len = int(json.loads(args.binned_meta.read_text())["max_len"])
     out = []
     for point in model_grid(config):
-        s = run_spec(config, point, "pretrained model (not read)")
+        s = run_spec(config, point)
         shape = data_shape(
             seq_len,
             int(p.get("n_bins", 51)),

@@ -25,6 +25,11 @@ from evoformer.model.prior import load_prior_network, prior_mode_of_state
 log = logging.getLogger(__name__)
 #: Buffers are data, not weights: they come from the data of the run that loads them.
 BUFFERS = ("prior", "expression_baseline")
+#: What a fine-tuned model may have that its pretrained model lacks (the task's own parts), and
+#: what it may leave out of the pretrained model (the pretraining task's heads); any other
+#: difference means another architecture and stops the run.
+NEW_OK = ("perturbation_", "expression_head.")
+UNUSED_OK = ("value_head.", "label_head.")
 
 
 def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -94,15 +99,22 @@ def init_from_pretrained(
     is a one-line InputError naming it. The gene embedding is matched by gene name: rows of the
     genes of ``genes`` (``model``'s vocabulary, in embedding order) that the pretrained model
     knows are copied, the others keep their initialisation; fewer than ``min_gene_overlap`` of
-    ``genes`` known is an InputError. Parameters only the pretrained model has (its bin head,
-    label head) are left out; parameters only ``model`` has (the perturbation embeddings and
-    expression head) keep their initialisation. Buffers (:data:`BUFFERS`) are never copied.
+    ``genes`` known is an InputError. Parameters only the pretrained model has are left out if
+    they are its heads (:data:`UNUSED_OK`: bin head, label head); parameters only ``model`` has
+    keep their initialisation if they are the task's own (:data:`NEW_OK`: the perturbation
+    embeddings and expression head). Any other difference (another preset, number of blocks,
+    prior mode) or another ``n_bins`` is a one-line InputError: the model must be the one that
+    was pretrained. Buffers (:data:`BUFFERS`) are never copied.
 
     Returns:
         ``{"path", "copied": [names], "new": [names], "unused": [names], "genes_known": n,
         "genes": G}``: what was loaded, for the run's summary.
     """
     d = read_model_file(path)
+    if int(d["n_bins"]) != model.n_bins:
+        raise InputError(
+            f"{path}: pretrained with n_bins {d['n_bins']}, this model has {model.n_bins}"
+        )
     src: dict[str, torch.Tensor] = d["model"]
     own = dict(model.named_parameters())
     saved_genes = d.get("genes")
@@ -147,6 +159,14 @@ def init_from_pretrained(
                 target.copy_(value.to(target.dtype))
             copied.append(name)
     new = [n for n in own if n not in set(copied)]
+    foreign = [n for n in new if not n.startswith(NEW_OK)]
+    foreign += [n for n in unused if not n.startswith(UNUSED_OK)]
+    if foreign:
+        raise InputError(
+            f"{path}: the pretrained model does not match this model's architecture "
+            f"(parameter {foreign[0]} is in one of them only); fine-tune with the pretrained "
+            "model's settings"
+        )
     log.info(
         "initialised from %s: %d parameter tensors copied (%d of %d genes known), %d new, "
         "%d of the pretrained model unused (%s)",

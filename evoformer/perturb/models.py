@@ -99,14 +99,14 @@ def model_grid(config: dict[str, Any]) -> list[dict[str, Any]]:
         )
     keys = list(sweep)
     points = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*sweep.values())]
-    # a swept prior has nothing to enter without a pair representation: preset none x a prior
-    # is left out of the grid (none x none stays: the model without z)
+    # a prior has nothing to enter without a pair representation: a swept preset none with a
+    # prior is left out of the grid (none x no prior stays: the model without z)
     return [
         p
         for p in points
         if not (
-            PRIOR_KEY in p
-            and p[PRIOR_KEY] != NO_PRIOR
+            "preset" in p
+            and _prior(config, p)[0] is not None
             and _model_train(config, p)[0].get("preset", "bioformer") == "none"
         )
     ]
@@ -173,11 +173,10 @@ def run_spec(
     config: dict[str, Any], point: dict[str, Any], pretrained: str | None = None
 ) -> dict[str, Any]:
     """The plain training spec of a grid point (what ``perturb_train`` passes as JSON);
-    ``pretrained``: the ``model.pt`` an ``init: pretrained`` point starts from."""
+    ``pretrained``: the ``model.pt`` an ``init: pretrained`` point starts from (None: left
+    out, for what does not read it: the pre-flight, the checks)."""
     p = config[SECTION]
     model, train = _model_train(config, point)
-    if is_pretrained(config, point) and pretrained is None:
-        raise InputError(f"{SECTION} grid point {point_id(point)}: init pretrained needs a model")
     spec = RunSpec.from_dict(
         {
             "task": "perturbation",
@@ -205,7 +204,7 @@ def pretrain_spec(config: dict[str, Any], point: dict[str, Any]) -> dict[str, An
             "model": model,
             "train": {**PRETRAIN_DEFAULTS, **(pre.get("train") or {})},
             "prior": point_prior(config, point),
-            "val_mask_ratio": pre.get("mask_ratio", 0.15),
+            "val_mask_ratio": pre.get("val_mask_ratio", 0.15),
         },
         where=f"{SECTION}.pretrain",
     )
@@ -237,9 +236,7 @@ def check(config: dict[str, Any]) -> None:
     memory = config.get("memory") or {}
     names = {}
     for point in points:
-        spec = RunSpec.from_dict(
-            {**run_spec(config, point, "pretrained.pt"), "init": None}, where=SECTION
-        )
+        spec = RunSpec.from_dict(run_spec(config, point), where=SECTION)
         specs = [(spec, f"{SECTION}.train")]
         if is_pretrained(config, point):
             specs.append(

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from evoformer.data.arrays import BinnedData
+from evoformer.io import file_sha256
 from evoformer.memory.spec import StepSpec
 from evoformer.model import BioFormer, load_prior_network
 from evoformer.train_config import RunSpec
@@ -85,8 +86,13 @@ class Task(ABC):
 
     @property
     def data_meta(self) -> dict[str, Any]:
-        """What a checkpoint's data must match to be resumed."""
-        return self.data.meta
+        """What a checkpoint's data must match to be resumed: the binned data's meta, the split
+        table's bytes and those of the pretrained model it starts from (a split or a pretrained
+        model rebuilt since the checkpoint starts the run afresh)."""
+        meta = {**self.data.meta, "split_sha256": file_sha256(self.inputs.split)}
+        if self.spec.init is not None:
+            meta["init_sha256"] = file_sha256(self.spec.init)
+        return meta
 
     @abstractmethod
     def epoch_batches(

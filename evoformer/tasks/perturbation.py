@@ -365,10 +365,11 @@ def predict_file(
     hvg_h5ad: str | os.PathLike,
     out_tsv: str | os.PathLike,
     sets: tuple[str, ...] = ("val", "test"),
-    micro_batch_size: int = 32,
 ) -> pd.DataFrame:
     """Predict the mean expression of every condition of ``sets`` with a trained perturbation
-    model; write ``out_tsv`` (``condition`` then one column per gene symbol, atomically).
+    model; write ``out_tsv`` (``condition`` then one column per gene symbol, atomically). Runs on
+    the first CUDA device when there is one (bf16 autocast when the training resolved to it),
+    else on the CPU, with the training's micro-batch.
 
     Returns:
         The table (index: condition, columns: genes in token order).
@@ -376,6 +377,7 @@ def predict_file(
     from contextlib import nullcontext
 
     from evoformer.model.saved import load_model
+    from evoformer.train_config import TrainConfig
 
     data = BinnedData.open(binned)
     genes = data.genes["gene_id"].astype(str).tolist()
@@ -383,13 +385,16 @@ def predict_file(
     if saved.get("output") != "expression":
         raise InputError(f"{model_pt}: not a perturbation model (output {saved.get('output')!r})")
     settings = PerturbationSettings.from_dict(saved.get("perturbation"))
+    train_cfg = TrainConfig.from_dict(saved.get("train_config"))
     cells = ScreenCells(data, read_split(split_tsv), read_hvg_types(hvg_h5ad), str(split_tsv))
     conditions = [c for s in sets for c in cells.conditions[s]]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    ctx = StepContext(torch.device("cpu"), 0, 1, nullcontext(), micro_batch_size)
-    pred = predict_conditions(
-        model, cells, conditions, cells.eval_controls(settings.n_eval_controls), ctx
-    )
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
+    bf16 = device.type == "cuda" and train_cfg.precision in ("auto", "bf16")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    ctx = StepContext(device, 0, 1, autocast, train_cfg.micro_batch_size)
+    controls = cells.eval_controls(settings.n_eval_controls)
+    pred = predict_conditions(model, cells, conditions, controls, ctx)
     table = pd.DataFrame(pred, index=pd.Index(conditions, name="condition"), columns=cells.tokens)
     out = Path(out_tsv)
     out.parent.mkdir(parents=True, exist_ok=True)
