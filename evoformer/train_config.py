@@ -326,7 +326,11 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict; the task fields are left out at their masked-expression defaults, so a
         masked-expression run's spec (and config hash) is what it was before tasks existed."""
-        d = {**dataclasses.asdict(self), "train": self.train.to_dict()}
+        d = {
+            **dataclasses.asdict(self),
+            "model": self.model.to_dict(),
+            "train": self.train.to_dict(),
+        }
         for key, default in (("task", "masked_expression"), ("perturbation", None), ("init", None)):
             if d[key] == default:
                 del d[key]

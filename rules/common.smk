@@ -275,6 +275,19 @@ def perturb_prediction_files(split):
     ]
 
 
+def perturb_model_summaries():
+    """Split -> method -> its training's performance_summary.json (the validation choice)."""
+    if "perturbation" not in tasks():
+        return {}
+    return {
+        s: {
+            name: f"{perturbation_dir()}/{s}/models/{m}/train/performance_summary.json"
+            for m, name in perturb_methods().items()
+        }
+        for s in config["perturbation"]["splits"]
+    }
+
+
 def perturb_methods():
     """Grid point id -> the method's name in the tables."""
     return {

@@ -98,6 +98,10 @@ rule perturb_tables:
         facts=lambda wc: screen_side_file(
             perturbation_config()["dataset"], "conditions"
         ),
+        # the models' trainings: the validation metric each reached (the model selection)
+        model_summaries=lambda wc: [
+            f for split in perturb_model_summaries().values() for f in split.values()
+        ],
     output:
         table=report(
             "results/tables/perturbation.tsv",
@@ -130,5 +134,6 @@ rule perturb_tables:
     params:
         provenance=lambda wc: perturbation_provenance(),
         splits=lambda wc: list(config["perturbation"]["splits"]),
+        model_summaries=lambda wc: perturb_model_summaries(),
     script:
         "../workflow_scripts/perturb_tables.py"

@@ -23,4 +23,5 @@ run_step(
     summary=snakemake.output.summary,
     figure=snakemake.output.figure,
     facts=facts[0] if facts else None,
+    model_summaries={k: dict(v) for k, v in dict(snakemake.params.model_summaries).items()},
 )

@@ -201,8 +201,15 @@ class ModelConfig:
         return from_plain(cls, d, where)
 
     def to_dict(self) -> dict[str, Any]:
-        """Fully resolved config (op switches filled from the preset) as plain Python types."""
-        return dataclasses.asdict(self)
+        """Fully resolved config (op switches filled from the preset) as plain Python types.
+        The memory switches that change no number (:data:`OFF_OMITTED`) are left out while off,
+        so adding them changed no run's spec, config hash or Snakemake parameter (nothing
+        retrains)."""
+        d = dataclasses.asdict(self)
+        for key in OFF_OMITTED:
+            if not d[key]:
+                del d[key]
+        return d
 
     @property
     def uses_pair(self) -> bool:
@@ -213,3 +220,8 @@ class ModelConfig:
     def pair_stack(self) -> bool:
         """True when any triangle op or the pair transition is on."""
         return any(getattr(self, k) for k in PAIR_OPS)
+
+
+#: ``ModelConfig`` switches that change memory, not numbers: left out of its plain dict when off.
+OFF_OMITTED = ("offload_checkpoints", "checkpoint_ops")
+

@@ -24,10 +24,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from evoformer.errors import InputError
 from evoformer.io import atomic_path
 from evoformer.perturb.baselines import BASELINES, COMPETITORS
 from evoformer.perturb.metrics import ALL, LOWER_IS_BETTER, SUBGROUP_COLUMNS, TRUTH_PREFIX
 from evoformer.tables import as_float, verdict, write_tsv
+from evoformer.train_config import lower_is_better
 
 #: The metrics the summary speaks about, in order, with their names in sentences.
 HEADLINE = {
@@ -194,6 +196,7 @@ def _split_section(
     details: dict[str, Any],
     per_condition: pd.DataFrame | None,
     facts: pd.DataFrame | None,
+    validation: dict[str, Any] | None = None,
 ) -> list[str]:
     n_test = len(details.get("test_conditions", {}))
     n_train = len(details.get("train_conditions", []))
@@ -204,6 +207,15 @@ def _split_section(
         f"{details.get('n_train_control_cells')} training control cells.",
         "",
     ]
+    if validation and validation["ranked"]:
+        ranked = ", ".join(f"`{m}` {_g3(v)}" for m, v in validation["ranked"])
+        lines += [
+            f"Model selection on the validation conditions ({validation['monitor']}, the same "
+            f"for every model; test conditions never seen): {ranked}. Chosen: "
+            f"`{validation['chosen']}`; the test figures below are every model's, the chosen "
+            "one is the one to quote.",
+            "",
+        ]
     for sub in dict.fromkeys(subgroups["subgroup"]):
         block = subgroups[subgroups["subgroup"] == sub]
         n = int(block["n_conditions"].max())
@@ -221,6 +233,29 @@ def _split_section(
     if per_condition is not None and facts is not None:
         lines += _interaction_paragraph(per_condition, facts)
     return lines
+
+
+def validation_choice(summaries: dict[str, str | os.PathLike]) -> dict[str, Any] | None:
+    """The models of one split ranked by their best validation metric (``train.monitor`` on the
+    split's validation conditions, the same metric for every model): ``{"monitor", "ranked":
+    [(method, value)], "chosen"}``; None without models."""
+    import json
+
+    rows, monitors = [], set()
+    for method, path in summaries.items():
+        d = json.loads(Path(path).read_text())
+        monitors.add(d.get("monitor"))
+        rows.append((method, as_float(d.get("best_metric"))))
+    if not rows:
+        return None
+    if len(monitors) != 1:
+        raise InputError(f"the models were validated on different metrics: {sorted(monitors)}")
+    monitor = monitors.pop()
+    lower = lower_is_better(monitor)
+    ranked = sorted(
+        (r for r in rows if math.isfinite(r[1])), key=lambda r: r[1] if lower else -r[1]
+    )
+    return {"monitor": monitor, "ranked": ranked, "chosen": ranked[0][0] if ranked else None}
 
 
 def _in_short(splits: dict[str, dict[str, Any]]) -> str:
@@ -255,6 +290,9 @@ def _in_short(splits: dict[str, dict[str, Any]]) -> str:
             text += "; compared with the strongest baseline, " + ", ".join(
                 f"{', '.join(ms)} {'is' if len(ms) == 1 else 'are'} {w}" for w, ms in groups.items()
             )
+        choice = split.get("validation")
+        if choice and choice["chosen"]:
+            text += f"; chosen on the validation conditions: `{choice['chosen']}`"
         parts.append(text)
     compared = (
         f"the models {', '.join(f'`{m}`' for m in models)} and " if models else "no model (only "
@@ -296,7 +334,12 @@ def summary_markdown(
     ]
     for name, split in splits.items():
         lines += _split_section(
-            name, split["subgroups"], split["details"], split.get("per_condition"), facts
+            name,
+            split["subgroups"],
+            split["details"],
+            split.get("per_condition"),
+            facts,
+            split.get("validation"),
         )
     return "\n".join(lines) + "\n"
 
@@ -344,11 +387,13 @@ def write_perturbation_tables(
     summary: str | os.PathLike,
     figure: str | os.PathLike,
     facts: str | os.PathLike | None = None,
+    model_summaries: dict[str, dict[str, str | os.PathLike]] | None = None,
 ) -> None:
     """The ``perturb_tables`` step: from each split's evaluation folder (``subgroups.tsv``,
-    ``per_condition.tsv``, ``details.json``; ``eval_dirs``: split name -> folder) and, for a
-    synthetic screen, its per-condition facts (``<screen>_conditions.tsv``), write the table,
-    the summary and the figure."""
+    ``per_condition.tsv``, ``details.json``; ``eval_dirs``: split name -> folder), for a
+    synthetic screen its per-condition facts (``<screen>_conditions.tsv``), and the models'
+    trainings (``model_summaries``: split -> method -> ``performance_summary.json``: the
+    validation metric each reached), write the table, the summary and the figure."""
     import json
 
     from evoformer.io import write_text_atomic
@@ -360,6 +405,7 @@ def write_perturbation_tables(
             "subgroups": read_subgroups(folder / "subgroups.tsv"),
             "details": json.loads((folder / "details.json").read_text()),
             "per_condition": pd.read_csv(folder / "per_condition.tsv", sep="\t", na_values=["NA"]),
+            "validation": validation_choice((model_summaries or {}).get(name) or {}),
         }
     facts_table = pd.read_csv(facts, sep="\t", dtype=str) if facts else None
     perturbation_table({k: v["subgroups"] for k, v in splits.items()}, provenance, table)
