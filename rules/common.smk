@@ -296,10 +296,8 @@ def perturb_methods():
     }
 
 
-def perturb_preflight_params(wildcards):
-    """What the pre-flight of a perturbation model reads (as preflight_params does)."""
+def _perturb_preflight(spec, task):
     p = config["perturbation"]
-    spec = perturb_models.run_spec(config, perturb_point(wildcards))
     return canonical(
         {
             "model": spec["model"],
@@ -309,10 +307,22 @@ def perturb_preflight_params(wildcards):
             "include_zero_genes": True,
             "prior": spec.get("prior") is not None,
             **({"prior_mode": spec["prior"]["mode"]} if spec.get("prior") else {}),
-            "task": "perturbation",
+            **({"task": task} if task else {}),
             **config["memory"],
         }
     )
+
+
+def perturb_preflight_params(wildcards):
+    """What the pre-flight of a perturbation model reads (as preflight_params does)."""
+    spec = perturb_models.run_spec(config, perturb_point(wildcards))
+    return _perturb_preflight(spec, "perturbation")
+
+
+def perturb_pretrain_preflight_params(wildcards):
+    """What the pre-flight of a masked-expression pretraining reads (its own train keys)."""
+    point = perturb_pretrain_points()[wildcards.pre]
+    return _perturb_preflight(perturb_models.pretrain_spec(config, point), None)
 
 
 def hvg_config():

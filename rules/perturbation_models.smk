@@ -1,5 +1,6 @@
 # The perturbation models (perturbation.model; rules/common.smk: perturb_*): every grid point of
-# perturbation.sweep is pre-flighted (the perturbation step traced, as for masked expression),
+# perturbation.sweep is pre-flighted (the perturbation step traced, as for masked expression;
+# the masked-expression pretraining's step too),
 # trained on each split's training conditions (init pretrained: from a masked-expression model
 # pretrained on the split's training cells), and predicts the split's validation and test
 # conditions; perturb_evaluate scores the predictions beside the baselines.
@@ -33,10 +34,30 @@ rule perturb_preflight:
         "../workflow_scripts/preflight.py"
 
 
+rule perturb_pretrain_preflight:
+    input:
+        meta=lambda wc: f"{perturbation_binned_dir()}/meta.json",
+        cells=lambda wc: f"{perturbation_binned_dir()}/cells.tsv",
+    output:
+        json=f"{PERTURB_MODEL_DIR}/preflight/pretrain/{{pre}}.json",
+    log:
+        "logs/perturbation/preflight_pretrain_{pre}.log",
+    benchmark:
+        "results/benchmarks/perturbation/preflight_pretrain_{pre}.tsv"
+    localrule: True
+    conda:
+        "../envs/train.yaml"
+    params:
+        preflight=perturb_pretrain_preflight_params,
+    script:
+        "../workflow_scripts/preflight.py"
+
+
 rule perturb_pretrain:
     input:
         binned=lambda wc: perturbation_binned_files(),
         split=f"{PERTURB_MODEL_DIR}/{{split}}/split.tsv",
+        preflight=f"{PERTURB_MODEL_DIR}/preflight/pretrain/{{pre}}.json",
         prior=lambda wc: perturb_prior_input(wc, perturb_pretrain_points()[wc.pre]),
     output:
         model=f"{PERTURB_MODEL_DIR}/{{split}}/pretrain/{{pre}}/train/model.pt",
@@ -63,7 +84,7 @@ rule perturb_pretrain:
         "bash {params.repo:q}/slurm/per_node.sh "
         "python -m evoformer.launch --cpu-processes {params.cpu_processes} -- "
         "--binned {params.binned:q} --split {input.split:q} --spec {params.spec:q} "
-        "--out {params.out:q} --ckpt-dir {params.ckpt:q} "
+        "--out {params.out:q} --ckpt-dir {params.ckpt:q} --preflight {input.preflight:q} "
         "> {log:q} 2>&1 || {{ rc=$?; "
         "grep -m1 '^error: ' {log:q} >&2 || tail -n 5 {log:q} >&2; exit $rc; }}"
 

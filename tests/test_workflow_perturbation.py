@@ -233,6 +233,7 @@ def test_the_models_train_pretrain_and_join_the_table(make_workflow):
     jobs = wf.planned_jobs(configfile=config)
     assert jobs["perturb_preflight"] == 4 and jobs["perturb_train"] == 4
     assert jobs["perturb_pretrain"] == 2 and jobs["perturb_predict"] == 4
+    assert jobs["perturb_pretrain_preflight"] == 2  # one per model settings, for both splits
     wf.run(configfile=config)
     table = pd.read_csv(wf.root / "results/tables/perturbation.tsv", sep="\t")
     methods = set(table["method"])
