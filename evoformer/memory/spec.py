@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from evoformer.errors import InputError
+from evoformer.losses import LOSSES
 from evoformer.memory.naive import use_naive_opm
 from evoformer.model import BioFormer, ModelConfig
 from evoformer.model.prior import PRIOR_MODES
@@ -237,7 +238,7 @@ def build_model(spec: StepSpec) -> nn.Module:
     prior = torch.zeros(spec.n_genes, spec.n_genes) if spec.prior else None
     task = {}
     if spec.task == "perturbation":
-        from evoformer.perturb.layouts import TYPES
+        from evoformer.perturb.conditions import TYPES
 
         task = {
             "n_perturbation_types": len(TYPES),
@@ -260,9 +261,7 @@ def build_model(spec: StepSpec) -> nn.Module:
 
 def step_loss(spec: StepSpec, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The trainer's loss of one micro-batch of ``spec.task`` (what the step differentiates)."""
-    from evoformer.tasks import loss_function
-
-    loss, _ = loss_function(spec.task)(model, batch)
+    loss, _ = LOSSES[spec.task](model, batch)
     return loss
 
 

@@ -224,4 +224,3 @@ class ModelConfig:
 
 #: ``ModelConfig`` switches that change memory, not numbers: left out of its plain dict when off.
 OFF_OMITTED = ("offload_checkpoints", "checkpoint_ops")
-

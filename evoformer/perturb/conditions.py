@@ -13,6 +13,9 @@ from collections.abc import Iterable
 
 from evoformer.errors import InputError
 
+#: Perturbation types, canonical names (the layouts map their labels to these).
+TYPES = ("knockdown", "knockout", "activation")
+
 CONTROL = "ctrl"
 SEP = "+"
 

@@ -76,12 +76,11 @@ from evoformer.data.datasets import (
     shared_gene_names,
 )
 from evoformer.errors import InputError
-from evoformer.perturb.conditions import CONTROL, SEP, condition_genes, make_condition
+from evoformer.perturb.conditions import CONTROL, SEP, TYPES, condition_genes, make_condition
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("gears", "scperturb")
-TYPES = ("knockdown", "knockout", "activation")
 
 #: Defaults of each layout (keys absent from the block); ``min_cells`` and ``strict`` apply
 #: to both.

@@ -14,11 +14,7 @@ loss, validation, predictions); the benchmark it joins is :mod:`evoformer.pertur
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-import torch
-
+from evoformer.losses import LOSSES, LossFunction
 from evoformer.tasks.base import StepContext, Task, TaskInputs, TaskLoss
 from evoformer.tasks.masked import MaskedExpression
 from evoformer.tasks.perturbation import Perturbation
@@ -26,17 +22,13 @@ from evoformer.tasks.perturbation import Perturbation
 #: Task name -> task class (``RunSpec.task``; :data:`evoformer.train_config.TASK_METRICS`).
 TASKS: dict[str, type[Task]] = {t.name: t for t in (MaskedExpression, Perturbation)}
 
-LossFunction = Callable[
-    [torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]
-]
-
 
 def loss_function(name: str) -> LossFunction:
     """``f(model, batch) -> (loss, metrics)`` of task ``name``: the step the trainer runs, the
-    pre-flight traces and the FLOP count counts."""
+    pre-flight traces and the FLOP count counts (:data:`evoformer.losses.LOSSES`)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
-    return TASKS[name].loss_terms
+    return LOSSES[name]
 
 
 __all__ = [

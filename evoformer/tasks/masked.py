@@ -27,6 +27,7 @@ import torch
 from evoformer.data.arrays import BinnedData
 from evoformer.distributed import all_reduce_
 from evoformer.errors import InputError
+from evoformer.losses import LOSSES
 from evoformer.memory.spec import StepSpec
 from evoformer.metrics import bin_values, metrics_from_sums, moment_sums
 from evoformer.model import BioFormer, apply_value_mask, fixed_mask, mask_generator
@@ -209,12 +210,7 @@ class MaskedExpression(Task):
             prior_mode=self.spec.prior.mode if self.spec.prior is not None else "init",
         )
 
-    @staticmethod
-    def loss_terms(
-        model: torch.nn.Module, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The model's masked-value loss (+ label loss): ``BioFormer.loss_terms``."""
-        return model.loss_terms(batch)
+    loss_terms = staticmethod(LOSSES["masked_expression"])
 
     @torch.no_grad()
     def validate(self, model: BioFormer, ctx: StepContext) -> dict[str, float]:

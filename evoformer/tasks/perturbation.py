@@ -48,12 +48,11 @@ from evoformer.data.arrays import BinnedData
 from evoformer.distributed import all_reduce_
 from evoformer.errors import InputError
 from evoformer.io import atomic_path
+from evoformer.losses import LOSSES
 from evoformer.model import BioFormer, mask_generator
-from evoformer.perturb.conditions import CONTROL, condition_genes
-from evoformer.perturb.layouts import TYPES
+from evoformer.perturb.conditions import CONTROL, TYPES, condition_genes
 from evoformer.perturb.metrics import pearson
 from evoformer.perturb.splits import read_split
-from evoformer.perturb.stats import read_hvg_types
 from evoformer.tasks.base import PlanEntry, StepContext, Task, TaskInputs
 from evoformer.train_config import PerturbationSettings, RunSpec
 
@@ -206,22 +205,6 @@ class PerturbationBatches(torch.utils.data.Dataset):
         return batch
 
 
-def perturbation_loss_terms(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean squared error of the predicted log1p expression over every gene token.
-
-    Args:
-        batch: ``gene_ids``, ``values``, ``pad_mask``, ``perturbed`` (the inputs) and
-            ``target`` (float log1p), each ``[B, 1, L]``.
-    """
-    out = model(batch["gene_ids"], batch["values"], batch["pad_mask"], batch["perturbed"])
-    pred = out["expression"]
-    w = batch["pad_mask"].to(torch.float32)
-    loss = (((pred.float() - batch["target"].float()) ** 2) * w).sum() / w.sum().clamp(min=1)
-    return loss, {"loss": loss.detach(), "expr_mse": loss.detach()}
-
-
 @torch.no_grad()
 def predict_conditions(
     model: BioFormer,
@@ -261,6 +244,10 @@ class Perturbation(Task):
                 "config key 'model.n_cells_per_msa': the perturbation task reads one control "
                 f"cell per item (1), got {spec.model.n_cells_per_msa}"
             )
+        # the HVG h5ad's reader needs anndata: imported here, not with the trainer (a GPU
+        # machine running only the masked-expression task may lack it)
+        from evoformer.perturb.stats import read_hvg_types
+
         self.settings: PerturbationSettings = spec.perturbation or PerturbationSettings()
         split = read_split(inputs.split)
         where = f"{inputs.split}"
@@ -310,7 +297,7 @@ class Perturbation(Task):
             expression_baseline=self.baseline,
         )
 
-    loss_terms = staticmethod(perturbation_loss_terms)
+    loss_terms = staticmethod(LOSSES["perturbation"])
 
     def validate(self, model: BioFormer, ctx: StepContext) -> dict[str, float]:
         """``val_loss``, ``val_mse``, ``val_pearson_delta`` over the validation conditions
@@ -377,6 +364,7 @@ def predict_file(
     from contextlib import nullcontext
 
     from evoformer.model.saved import load_model
+    from evoformer.perturb.stats import read_hvg_types
     from evoformer.train_config import TrainConfig
 
     data = BinnedData.open(binned)
