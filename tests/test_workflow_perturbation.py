@@ -219,7 +219,7 @@ MODEL_SECTION = {
     "pretrain": {
         "train": {"micro_batch_size": 8, "global_batch_size": 16, "epochs": 1, "cpu_processes": 1}
     },  # fmt: skip
-    "sweep": {"preset": ["none", "bioformer"], "init": ["scratch", "pretrained"]},
+    "sweep": {"init": ["scratch", "pretrained"]},
 }
 
 
@@ -231,34 +231,28 @@ def test_the_models_train_pretrain_and_join_the_table(make_workflow):
     section = {**PERTURBATION, "splits": {"simulation": {"kind": "simulation", "seed": 0}}}
     config = _config(wf, perturbation={**section, **MODEL_SECTION})
     jobs = wf.planned_jobs(configfile=config)
-    assert jobs["perturb_preflight"] == 4 and jobs["perturb_train"] == 4
-    assert jobs["perturb_pretrain"] == 2 and jobs["perturb_predict"] == 4
-    assert jobs["perturb_pretrain_preflight"] == 2  # one per model settings, for both splits
+    assert jobs["perturb_preflight"] == 2 and jobs["perturb_train"] == 2
+    assert jobs["perturb_pretrain"] == 1 and jobs["perturb_predict"] == 2
+    assert jobs["perturb_pretrain_preflight"] == 1  # one per model settings and split
     wf.run(configfile=config)
     table = pd.read_csv(wf.root / "results/tables/perturbation.tsv", sep="\t")
     methods = set(table["method"])
-    assert {"none", "none+pretrained", "bioformer", "bioformer+pretrained"} <= methods
+    assert {"bioformer", "bioformer+pretrained"} <= methods
     assert set(COMPETITORS) <= methods  # the baselines, always
     summary = (wf.root / "results/tables/perturbation_summary.md").read_text()
     assert summary.splitlines()[2].startswith("**In short.**") and "`bioformer`" in summary
     models = wf.root / "results/screen/hvg20/perturbation/simulation/models"
-    fine = json.loads(
-        (models / "preset~bioformer_init~pretrained/train/performance_summary.json").read_text()
-    )
+    fine = json.loads((models / "init~pretrained/train/performance_summary.json").read_text())
     assert fine["task"] == "perturbation" and "gene_embedding.weight" in fine["init"]["copied"]
-    preflight = json.loads(
-        (
-            wf.root
-            / "results/screen/hvg20/perturbation/preflight/preset~bioformer_init~scratch.json"
-        ).read_text()
-    )
+    preflight_file = wf.root / "results/screen/hvg20/perturbation/preflight/init~scratch.json"
+    preflight = json.loads(preflight_file.read_text())
     assert preflight["fits"] and preflight["spec"]["task"] == "perturbation"
     lr = {**MODEL_SECTION, "train": {**MODEL_SECTION["train"], "lr": 0.002}}
     changed = _config(wf, "lr", perturbation={**section, **lr})
     assert wf.planned_jobs(configfile=changed) == {
         "all": 1,
-        "perturb_train": 4,
-        "perturb_predict": 4,
+        "perturb_train": 2,
+        "perturb_predict": 2,
         "perturb_evaluate": 1,
         "perturb_tables": 1,
     }
