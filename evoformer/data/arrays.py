@@ -204,3 +204,12 @@ class BinnedData:
         else:
             genes = np.asarray(self.gene_index[rows], dtype=np.int64)
         return genes, values
+
+
+def take_rows(array: Any, rows: np.ndarray, dtype: Any) -> np.ndarray:
+    """``array[rows]`` as ``dtype`` (a memory-mapped ``.npy`` or :class:`TokenExpression`), read
+    in ascending row order (kinder to the page cache) and returned in the order asked."""
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows), *array.shape[1:]), dtype)
+    out[order] = np.asarray(array[rows[order]], dtype)
+    return out

@@ -6,7 +6,8 @@ profiling, outputs) knows nothing task-specific; it asks its :class:`Task` for
 * the training items (``n_train_items``: what the distributed sampler shuffles) and the
   micro-batches of an epoch (:meth:`Task.epoch_batches`, a map-style dataset whose batches are
   a pure function of the plan, the epoch and the rank: resuming mid-epoch replays them);
-* the model (:meth:`Task.build_model`) and the loss of a batch (:meth:`Task.loss_terms`);
+* the model (:meth:`Task.build_model`, with the task's own parts from :meth:`Task.model_options`)
+  and the loss of a batch (:meth:`Task.loss_terms`);
 * the validation metrics (:meth:`Task.validate`, all-reduced over the processes) and the log line;
 * what ``model.pt`` must carry besides the weights (:meth:`Task.model_file`) and the shapes of
   one step for the FLOP count (:meth:`Task.step_spec`).
@@ -101,16 +102,23 @@ class Task(ABC):
         """The micro-batches of ``plan`` (item ``i`` of the dataset = ``plan[i]``)."""
 
     # ------------------------------------------------------------------ model and loss
-    def prior(self) -> torch.Tensor | None:
-        """The spec's prior network over the task's genes ``[G, G]``, or None."""
+    def build_model(self) -> BioFormer:
+        """The task's model (called right after ``torch.manual_seed(train.seed)``): a BioFormer
+        over the task's genes with the spec's prior network, and the task's own parts
+        (:meth:`model_options`)."""
         p = self.spec.prior
-        if p is None:
-            return None
-        return load_prior_network(p.path, self.genes, p.min_gene_share)
+        return BioFormer(
+            self.spec.model,
+            n_genes=len(self.genes),
+            n_bins=self.n_bins,
+            prior=None if p is None else load_prior_network(p.path, self.genes, p.min_gene_share),
+            prior_mode=p.mode if p is not None else "init",
+            **self.model_options(),
+        )
 
     @abstractmethod
-    def build_model(self) -> BioFormer:
-        """The task's model (called right after ``torch.manual_seed(train.seed)``)."""
+    def model_options(self) -> dict[str, Any]:
+        """The task's keyword arguments of :class:`~evoformer.model.BioFormer` (its heads)."""
 
     @staticmethod
     @abstractmethod

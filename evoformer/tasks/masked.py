@@ -199,16 +199,8 @@ class MaskedExpression(Task):
             self.train_cells, plan, self.spec.train, self.n_bins, epoch, rank, self.n_labels > 0
         )
 
-    def build_model(self) -> BioFormer:
-        prior = self.prior()
-        return BioFormer(
-            self.spec.model,
-            n_genes=len(self.genes),
-            n_bins=self.n_bins,
-            n_labels=self.n_labels,
-            prior=prior,
-            prior_mode=self.spec.prior.mode if self.spec.prior is not None else "init",
-        )
+    def model_options(self) -> dict[str, Any]:
+        return {"n_labels": self.n_labels}
 
     loss_terms = staticmethod(LOSSES["masked_expression"])
 

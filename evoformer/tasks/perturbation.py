@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from evoformer.data.arrays import BinnedData
+from evoformer.data.arrays import BinnedData, take_rows
 from evoformer.distributed import all_reduce_
 from evoformer.errors import InputError
 from evoformer.io import atomic_path
@@ -125,10 +125,7 @@ class ScreenCells:
 
     def expression(self, rows: np.ndarray) -> np.ndarray:
         """``[n, L]`` float32 log1p expression of the token genes of ``rows``."""
-        order = np.argsort(rows)
-        out = np.empty((len(rows), len(self.tokens)), np.float32)
-        out[order] = np.asarray(self.data.expression[rows[order]], np.float32)
-        return out
+        return take_rows(self.data.expression, rows, np.float32)
 
     def mean(self, condition: str) -> np.ndarray:
         """``[L]`` mean log1p expression of a condition's cells (``ctrl``: training controls)."""
@@ -149,9 +146,7 @@ class ScreenCells:
     def inputs(self, controls: np.ndarray, conditions: list[str]) -> dict[str, torch.Tensor]:
         """The model inputs of control cells ``controls [B]`` perturbed by ``conditions [B]``:
         ``gene_ids``, ``values``, ``pad_mask`` and ``perturbed``, each ``[B, 1, L]``."""
-        order = np.argsort(controls)
-        values = np.empty((len(controls), len(self.tokens)), np.int64)
-        values[order] = np.asarray(self.data.values[controls[order]], np.int64)
+        values = take_rows(self.data.values, controls, np.int64)
         b, length = values.shape
         flags = np.stack([self.flags(c) for c in conditions]) if conditions else values * 0
         return {
@@ -284,18 +279,12 @@ class Perturbation(Task):
             self.cells, plan, self.spec.train.seed, epoch, rank, self.settings.target
         )
 
-    def build_model(self) -> BioFormer:
-        prior = self.prior()
-        return BioFormer(
-            self.spec.model,
-            n_genes=len(self.genes),
-            n_bins=self.n_bins,
-            prior=prior,
-            prior_mode=self.spec.prior.mode if self.spec.prior is not None else "init",
-            n_perturbation_types=len(TYPES),
-            output="expression",
-            expression_baseline=self.baseline,
-        )
+    def model_options(self) -> dict[str, Any]:
+        return {
+            "n_perturbation_types": len(TYPES),
+            "output": "expression",
+            "expression_baseline": self.baseline,
+        }
 
     loss_terms = staticmethod(LOSSES["perturbation"])
 
