@@ -29,6 +29,25 @@ PLANTED_DIR = "resources/planted"
 SCREEN_DIR = "resources/screens"
 
 
+def training_shell(extra_inputs=""):
+    """The shell line of the rules that train (train, perturb_pretrain, perturb_train): the
+    launcher on every node of the job (slurm/per_node.sh: torchrun, one process per GPU or
+    train.cpu_processes on a CPU), the log in {log}, and on failure its first ``error:`` line
+    (else its last 5 lines) on stderr, where Snakemake and Slurm's log show it.
+    ``extra_inputs``: further ``--name {input.name:q} `` arguments (before --spec)."""
+    return (
+        "PYTHONPATH={params.repo:q}${{PYTHONPATH:+:$PYTHONPATH}} "
+        "bash {params.repo:q}/slurm/per_node.sh "
+        "python -m evoformer.launch --cpu-processes {params.cpu_processes} -- "
+        "--binned {params.binned:q} --split {input.split:q} "
+        + extra_inputs
+        + "--spec {params.spec:q} --out {params.out:q} --ckpt-dir {params.ckpt:q} "
+        "--preflight {input.preflight:q} "
+        "> {log:q} 2>&1 || {{ rc=$?; "
+        "grep -m1 '^error: ' {log:q} >&2 || tail -n 5 {log:q} >&2; exit $rc; }}"
+    )
+
+
 def canonical(obj):
     """A deep copy with every dict's keys sorted: a job's params are compared by their text
     with the last run's, so reordering keys in config.yaml must not rerun anything."""

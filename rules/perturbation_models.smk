@@ -80,13 +80,7 @@ rule perturb_pretrain:
         cpu_processes=lambda wc: perturb_pretrain_spec(wc)["train"]["cpu_processes"],
         out=lambda wc, output: str(Path(output.model).parent),
     shell:
-        "PYTHONPATH={params.repo:q}${{PYTHONPATH:+:$PYTHONPATH}} "
-        "bash {params.repo:q}/slurm/per_node.sh "
-        "python -m evoformer.launch --cpu-processes {params.cpu_processes} -- "
-        "--binned {params.binned:q} --split {input.split:q} --spec {params.spec:q} "
-        "--out {params.out:q} --ckpt-dir {params.ckpt:q} --preflight {input.preflight:q} "
-        "> {log:q} 2>&1 || {{ rc=$?; "
-        "grep -m1 '^error: ' {log:q} >&2 || tail -n 5 {log:q} >&2; exit $rc; }}"
+        training_shell()
 
 
 rule perturb_train:
@@ -118,14 +112,7 @@ rule perturb_train:
         cpu_processes=lambda wc: perturb_train_spec(wc)["train"]["cpu_processes"],
         out=lambda wc, output: str(Path(output.model).parent),
     shell:
-        "PYTHONPATH={params.repo:q}${{PYTHONPATH:+:$PYTHONPATH}} "
-        "bash {params.repo:q}/slurm/per_node.sh "
-        "python -m evoformer.launch --cpu-processes {params.cpu_processes} -- "
-        "--binned {params.binned:q} --split {input.split:q} --hvg {input.hvg:q} "
-        "--spec {params.spec:q} --out {params.out:q} --ckpt-dir {params.ckpt:q} "
-        "--preflight {input.preflight:q} "
-        "> {log:q} 2>&1 || {{ rc=$?; "
-        "grep -m1 '^error: ' {log:q} >&2 || tail -n 5 {log:q} >&2; exit $rc; }}"
+        training_shell("--hvg {input.hvg:q} ")
 
 
 rule perturb_predict:
