@@ -3,7 +3,9 @@
     python benchmarks/bench_train_overhead.py [--steps 60] [--out benchmarks/out/overhead]
 
 Same data (the bundled PBMC, 64 HVGs, 11 bins), same model (config.yaml's demo model: BioFormer,
-c_m 32, c_z 16, c_opm 8, 2 blocks), micro-batches of 8 cells, one CPU thread per process:
+c_m 32, c_z 16, c_opm 8, 2 blocks), same step (``train.compile``'s default, :data:`COMPILE`,
+applied to both sides as the trainer applies it), micro-batches of 8 cells, one CPU thread per
+process:
 
 * **bare**: a Python loop of ``model.loss(batch)``, ``backward``, grad clipping, ``AdamW.step``
   on micro-batches masked as training masks them (nothing else);
@@ -43,6 +45,8 @@ MODEL = {
     "n_blocks": 2,
 }
 MICRO = 8
+#: ``train.compile`` of both sides (the default: on a CPU, ``auto`` runs ``fused``)
+COMPILE = "auto"
 
 
 def prepare(d: Path) -> dict[str, Path]:
@@ -64,12 +68,14 @@ def bare_step_ms(binned: Path, steps: int) -> float:
     """Median ms of a bare training step on one micro-batch (one thread)."""
     from evoformer.data.arrays import BinnedData
     from evoformer.model import BioFormer, ModelConfig, apply_value_mask, mask_generator
+    from evoformer.model.fused import adamw_options, compile_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     data = BinnedData.open(binned)
     model = BioFormer(ModelConfig.from_dict(MODEL), n_genes=data.n_genes, n_bins=data.n_bins)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    compile_model(model, COMPILE)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **adamw_options(COMPILE, "cpu"))
     values = torch.as_tensor(np.asarray(data.values[: MICRO * 8], np.int64)).view(
         -1, 1, data.n_genes
     )
@@ -109,6 +115,7 @@ def pipeline_ms(files: dict[str, Path], out: Path, processes: int | None, steps:
         "ckpt_every": 10_000,
         "cpu_processes": world,
         "warmup_steps": 3,
+        "compile": COMPILE,
     }
     spec = json.dumps({"model": MODEL, "train": train, "fold": -1, "final": False})
     args = ["--binned", str(files["binned"]), "--split", str(files["split"]), "--spec", spec]

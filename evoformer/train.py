@@ -95,7 +95,7 @@ from evoformer.flops.peaks import device_peak, throughput_fields
 from evoformer.io import atomic_path, save_torch_atomic, write_text_atomic
 from evoformer.memory.measured import record_cpu_peak
 from evoformer.model import count_parameters
-from evoformer.model.fused import adamw_options, compile_model
+from evoformer.model.fused import adamw_options, compile_mode, compile_model
 from evoformer.model.saved import init_from_pretrained
 from evoformer.tasks import TASKS, StepContext, TaskInputs, TaskLoss
 from evoformer.train_config import RunSpec, TrainConfig, lower_is_better
@@ -203,6 +203,8 @@ class Trainer:
             if self.precision == "bf16"
             else nullcontext()
         )
+        # auto: the mode measured to win on this device type (evoformer.model.fused.AUTO_COMPILE)
+        self.compile_mode = compile_mode(self.cfg.compile, self.device.type)
         if self.rank == 0:
             check_writable(self.out, "output folder")
             check_writable(Path(ckpt_dir), "checkpoint folder")
@@ -213,9 +215,10 @@ class Trainer:
                 " (no CUDA device: CPU fallback with gloo)" if self.device.type == "cpu" else ""
             )
             log.info(
-                "training on %s, precision %s, grad accumulation %d",
+                "training on %s, precision %s, step %s, grad accumulation %d",
                 where,
                 self.precision,
+                self.compile_mode,
                 self.accum,
             )
         self.context = StepContext(
@@ -271,7 +274,7 @@ class Trainer:
         # DDP only synchronises gradients of computations run through its forward, so the loss
         # is computed inside forward by a thin wrapper: model(batch) -> (loss, metrics).
         # train.compile: fused paths / torch.compile, applied in place (evoformer.model.fused)
-        inner = compile_model(self.raw_model, cfg.compile)
+        inner = compile_model(self.raw_model, self.compile_mode)
         self.model: torch.nn.Module = TaskLoss(inner, self.task)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -280,7 +283,7 @@ class Trainer:
             self.raw_model.parameters(),
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
-            **adamw_options(cfg.compile),
+            **adamw_options(self.compile_mode),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg, self.total_steps)
@@ -730,6 +733,7 @@ class Trainer:
             "peak_memory_source": source,
             "peak_rss_bytes": peak_rss if rss is not None else None,
             "precision": self.precision,
+            "compile": self.compile_mode,
             "grad_accumulation": self.accum,
             "n_nonfinite_steps": self.n_nonfinite_steps,
             "final_loss": next(

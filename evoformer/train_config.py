@@ -90,9 +90,10 @@ class TrainConfig:
     label_head: bool = False  # also train a cell-label head on CLS (needs a label column)
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | bf16 | fp32
-    # the step's fused paths / compilation (evoformer.model.fused.COMPILE_MODES): eager | fused |
-    # blocks | model; false = fused (no compilation), true = model
-    compile: bool | str = False
+    # the step's fused paths / compilation (evoformer.model.fused): auto (per device type, the
+    # mode measured to win: AUTO_COMPILE) | eager | fused | blocks | model; false = eager,
+    # true = model
+    compile: bool | str = "auto"
     cpu_processes: int = 2  # processes torchrun starts when no CUDA device is visible
     loader_workers: int = 0  # DataLoader worker processes per training process (0: in-process)
     val_every: int | None = None  # optimizer steps between validations (None: every epoch)

@@ -131,6 +131,7 @@ def test_cpu_dry_run_end_to_end(tmp_path):
     assert rows["bf16"]["traffic_bytes_per_step"] < rows["fp32"]["traffic_bytes_per_step"]
     compiled = items["compile"]
     assert [r["mode"] for r in compiled["rows"]] == ["eager", "fused"]
+    assert compiled["fastest"] in ("eager", "fused") and compiled["auto"] == "fused"  # CPU
     for r in compiled["rows"]:
         assert r["status"] == "ok" and r["samples_per_s"] > 0 and r["speedup"] > 0
         assert r["model_tflops_per_s"] == pytest.approx(

@@ -8,6 +8,8 @@ import torch
 from evoformer.errors import InputError
 from evoformer.model import BioFormer, EvoformerStack, ModelConfig, apply_value_mask, fused
 from evoformer.model.fused import (
+    AUTO,
+    AUTO_COMPILE,
     COMPILE_MODES,
     _LayerNormHeads,
     adamw_options,
@@ -177,7 +179,20 @@ def test_compile_modes_apply_in_place():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("value", [True, False, *COMPILE_MODES])
+def test_compile_auto_is_the_default_and_picks_per_device():
+    """``auto`` (the default) runs :data:`AUTO_COMPILE`'s mode for the device type: ``fused`` on
+    a CPU, so a default CPU training runs the fused paths and the fused AdamW; a device type
+    without an entry runs ``eager``."""
+    assert TrainConfig().compile == AUTO
+    assert compile_mode(AUTO, "cpu") == AUTO_COMPILE["cpu"] == "fused"
+    assert compile_mode(AUTO, "cuda") == AUTO_COMPILE["cuda"]
+    assert compile_mode(AUTO, "mps") == "eager"
+    assert adamw_options(AUTO, "cpu") == {"fused": True}
+    model = compile_model(_model("bioformer"), TrainConfig().compile)
+    assert all(b.msa_row_attention.fused for b in model.stack.blocks)
+
+
+@pytest.mark.parametrize("value", [True, False, AUTO, *COMPILE_MODES])
 def test_train_compile_values(value):
     assert compile_mode(TrainConfig.from_dict({"compile": value}).compile) in COMPILE_MODES
 

@@ -1,7 +1,10 @@
 """Item ``compile``: the journal step in every ``train.compile`` mode (eager, fused, blocks,
 model; :mod:`evoformer.model.fused`), side by side: samples/s, the first step (compilation
 included), model TFLOP/s and share of the device's peak (:func:`benchmarks.gpu_check.step.
-efficiency`) and the speedup over eager, the step before issue 19 (its target: >= 3x)."""
+efficiency`) and the speedup over eager, the step before issue 19 (its target: >= 3x); then
+the fastest mode next to the one ``train.compile: auto`` runs on this device type
+(:data:`evoformer.model.fused.AUTO_COMPILE`, which lists a mode only where it was measured to
+win)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from typing import Any
 from benchmarks.gpu_check.common import Context, first_line, free_memory, is_oom, progress
 from benchmarks.gpu_check.step import efficiency
 from benchmarks.gpu_check.throughput import timed_steps
+from evoformer.model.fused import AUTO, compile_mode
 
 
 def item_compile(ctx: Context, partial: Callable[[dict], None]) -> dict[str, Any]:
@@ -45,6 +49,9 @@ def item_compile(ctx: Context, partial: Callable[[dict], None]) -> dict[str, Any
         for r in rows:
             if r.get("status") == "ok":
                 r["speedup"] = r["samples_per_s"] / base["samples_per_s"]
+        ok = [r for r in rows if r.get("status") == "ok"]
+        res["fastest"] = max(ok, key=lambda r: r["samples_per_s"])["mode"]
+    res["auto"] = compile_mode(AUTO, ctx.device.type)
     if errors:
         res["errors"] = errors
     return res

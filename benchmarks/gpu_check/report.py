@@ -118,6 +118,12 @@ def render_markdown(data: dict[str, Any]) -> str:
                 f"| {human(r.get('peak_bytes'))} | {fmt(r.get('note') or r.get('status'))} |"
             )
         lines.append("")
+        if cp.get("auto"):
+            lines += [
+                f"Fastest: {fmt(cp.get('fastest'))}; `train.compile: auto` runs {cp['auto']} on "
+                "this device type (`evoformer.model.fused.AUTO_COMPILE`).",
+                "",
+            ]
         lines += _status_line(cp)
 
     sd = items.get("sdpa")

@@ -23,19 +23,22 @@ They are switched per module (``fused`` attributes, :func:`set_fused`); a freshl
 runs the plain ops, which the pre-flight memory trace and the FLOP count see. ``train.compile``
 (:data:`COMPILE_MODES`, :func:`compile_model`) chooses for a training:
 
-``eager``   the plain ops and the per-parameter AdamW, no compilation (the default, ``false``:
-            the step as before, so published results reproduce to the last digit);
+``auto``    the default: per device type, the mode measured to win there (:data:`AUTO_COMPILE`,
+            :func:`compile_mode`), as ``train.precision: auto`` picks the precision;
+``eager``   the plain ops and the per-parameter AdamW, no compilation (also ``false``: the step
+            before issue 19, with which RESULTS.md's numbers were made; the published configs
+            in ``configs/`` say so, so they reproduce to the last digit);
 ``fused``   the fused paths and the fused AdamW (:func:`adamw_options`), no compilation (same
-            numbers up to rounding, no compile time; 1.2x on the CPU demo step);
+            numbers up to rounding, no compile time; 1.1-1.2x on the CPU demo step);
 ``blocks``  ``fused`` and ``torch.compile`` of every Evoformer block (``dynamic=False``;
             blocks of one structure share a compiled graph, activation checkpoints recompute
-            the compiled block);
-``model``   ``torch.compile`` of the whole model's forward, plain ops, fused AdamW (``compile: true``
-            meant; the trainer compiled a wrapper whose ``loss_terms`` called the uncompiled
-            module, so it compiled nothing).
+            the compiled block; 1.4-1.6x on a CPU after 1-2 minutes of compilation);
+``model``   ``torch.compile`` of the whole model's forward, plain ops, fused AdamW (also ``true``;
+            before issue 19 the trainer compiled a wrapper whose ``loss_terms`` called the
+            uncompiled module, so it compiled nothing).
 
-``true`` / ``false`` are accepted for ``model`` / ``eager``. ``benchmarks/bench_compile.py``
-measures them side by side (BENCHMARKS.md).
+``benchmarks/bench_compile.py`` (CPU) and the GPU check's ``compile`` item measure the modes
+side by side (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -43,27 +46,37 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-#: ``train.compile`` values (see the module docstring).
+#: What ``train.compile`` can run (see the module docstring).
 COMPILE_MODES: tuple[str, ...] = ("eager", "fused", "blocks", "model")
+#: The value that picks a mode per device type (the default).
+AUTO = "auto"
+#: The mode ``auto`` runs, per device type: where a mode was measured to win. CPU: ``fused``
+#: (1.1-1.2x on the demo step with no compile time; ``blocks`` steps faster but compiles for
+#: 1-2 minutes, longer than a demo training computes). CUDA: ``eager`` until the GPU check's
+#: ``compile`` item (``python -m benchmarks.gpu_check --only compile``) has measured the modes
+#: on a GPU. A device type not listed runs ``eager``.
+AUTO_COMPILE: dict[str, str] = {"cpu": "fused", "cuda": "eager"}
 #: What the booleans of earlier configs mean.
 COMPILE_BOOLEANS: dict[bool, str] = {True: "model", False: "eager"}
 
 
-def compile_mode(value: str | bool) -> str:
-    """A ``train.compile`` value as one of :data:`COMPILE_MODES` (booleans mapped); raises
-    ``ValueError`` for anything else."""
+def compile_mode(value: str | bool, device_type: str = "cpu") -> str:
+    """A ``train.compile`` value as one of :data:`COMPILE_MODES`: booleans mapped, ``auto`` to
+    :data:`AUTO_COMPILE`'s mode for ``device_type``; raises ``ValueError`` for anything else."""
     if isinstance(value, bool):
         return COMPILE_BOOLEANS[value]
+    if value == AUTO:
+        return AUTO_COMPILE.get(device_type, "eager")
     if value not in COMPILE_MODES:
-        raise ValueError(f"expected one of {', '.join(COMPILE_MODES)} (or true / false)")
+        raise ValueError(f"expected auto, {', '.join(COMPILE_MODES)} (or true / false)")
     return value
 
 
-def adamw_options(mode: str | bool) -> dict[str, bool]:
-    """``torch.optim.AdamW`` options of a ``train.compile`` mode: every mode but ``eager`` uses
-    the fused (single-kernel) AdamW, which on a CPU takes ~0.3 ms per step of the demo model
-    where the per-parameter loop takes ~2 ms (same update, up to rounding)."""
-    return {} if compile_mode(mode) == "eager" else {"fused": True}
+def adamw_options(mode: str | bool, device_type: str = "cpu") -> dict[str, bool]:
+    """``torch.optim.AdamW`` options of a ``train.compile`` value on ``device_type``: every mode
+    but ``eager`` uses the fused (single-kernel) AdamW, which on a CPU takes ~0.3 ms per step of
+    the demo model where the per-parameter loop takes ~2 ms (same update, up to rounding)."""
+    return {} if compile_mode(mode, device_type) == "eager" else {"fused": True}
 
 
 def set_fused(model: nn.Module, enabled: bool) -> nn.Module:
@@ -77,10 +90,11 @@ def set_fused(model: nn.Module, enabled: bool) -> nn.Module:
 def compile_model(model: nn.Module, mode: str | bool) -> nn.Module:
     """Apply a ``train.compile`` mode to ``model`` in place (``nn.Module.compile``, so that
     ``model(...)`` runs compiled also when called from its own methods, e.g. ``loss_terms``);
-    returns ``model``."""
+    ``auto`` resolves for the device of the model's parameters; returns ``model``."""
     from evoformer.model.evoformer import EvoformerBlock
 
-    mode = compile_mode(mode)
+    param = next(model.parameters(), None)
+    mode = compile_mode(mode, "cpu" if param is None else param.device.type)
     set_fused(model, mode in ("fused", "blocks"))
     if mode == "blocks":
         for module in model.modules():
