@@ -73,6 +73,7 @@ PERFORMANCE_FIELDS = (
     "peak_memory_mb",
     "peak_memory_source",
     "precision",
+    "compile",
     "grad_accumulation",
     "final_loss",
     "n_parameters",

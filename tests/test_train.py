@@ -166,6 +166,8 @@ def test_two_process_training_learns_and_reports(pbmc, reference: Path) -> None:
     assert (m["kind"] == "val").sum() == 3  # one validation per epoch
     summary = json.loads((reference / "performance_summary.json").read_text())
     assert summary["system"]["world_size"] == 2
+    # train.compile left at auto: on a CPU the fused step, recorded as what ran
+    assert summary["config"]["train"]["compile"] == "auto" and summary["compile"] == "fused"
     # on CPU: the profiler's allocator peak of one step (tensors only), far below the RSS
     assert summary["peak_memory_source"] == "profiler"
     assert 0 < summary["peak_memory_bytes"] < summary["peak_rss_bytes"]
@@ -183,7 +185,7 @@ def test_two_process_training_learns_and_reports(pbmc, reference: Path) -> None:
     assert summary["peak_tflops_per_device"] is None and summary["model_flops_utilization"] is None
     log = logtext(reference)
     assert "model FLOPs per sample:" in log
-    assert "CPU fallback with gloo, 2 processes" in log
+    assert "CPU fallback with gloo, 2 processes" in log and "step fused" in log
     assert "Step 1/" in log and "| Loss:" in log and "samples/sec" in log
     assert "\r" not in log  # no progress-bar carriage returns in a non-terminal log
     assert (reference / "learning_curve.png").stat().st_size > 0
