@@ -6,6 +6,7 @@ import math
 import zlib
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from evoformer.perturb.metrics import (
@@ -184,6 +185,31 @@ def test_bootstrap_reproducible_and_equal_to_a_direct_resampling():
     assert r["lo"] <= r["value"] <= r["hi"]
     none = summarise_subgroups(values, conds, subs, ("no_change",), 0, 5)
     assert all(math.isnan(r["lo"]) and math.isnan(r["hi"]) for r in none)
+
+
+def test_no_interval_and_no_claim_from_fewer_than_five_conditions():
+    """A mean (or paired difference) defined on fewer than MIN_INTERVAL_CONDITIONS conditions
+    gets no interval, however consistent its draws; the summary then claims nothing."""
+    from evoformer.perturb.metrics import MIN_INTERVAL_CONDITIONS
+    from evoformer.perturb.report import _verdict
+
+    assert MIN_INTERVAL_CONDITIONS == 5
+    values, conds, subs = _values()
+    values["additive"]["mse"][6:] = np.arange(6.0)  # combo_seen2: 6 defined, the strongest
+    values["no_change"]["mse"][6:] = np.arange(6.0) + 10.0
+    values["model"]["mse"][6:] = np.arange(6.0) - 1.0  # better by exactly 1 on every condition
+    rows = summarise_subgroups(values, conds, subs, ("no_change", "additive"), 300, 0)
+    r = _row(rows, "combo_seen2", "model", "mse")
+    assert r["best_baseline"] == "additive" and r["diff"] == pytest.approx(-1.0)
+    assert r["diff_lo"] == pytest.approx(-1.0) and r["diff_hi"] == pytest.approx(-1.0)
+    assert _verdict(pd.Series(r), True) == "the model is better"
+    values["model"]["mse"][[6, 7]] = np.nan  # 4 defined: the same consistent gap, no claim
+    rows = summarise_subgroups(values, conds, subs, ("no_change", "additive"), 300, 0)
+    r = _row(rows, "combo_seen2", "model", "mse")
+    assert r["diff"] == pytest.approx(-1.0) and r["n_undefined"] == 2
+    assert math.isnan(r["lo"]) and math.isnan(r["diff_lo"]) and math.isnan(r["diff_hi"])
+    assert not math.isnan(_row(rows, "combo_seen2", "additive", "mse")["lo"])  # 6 defined
+    assert _verdict(pd.Series(r), True) == "undecided (an interval needs 5 conditions, 4 defined)"
 
 
 def test_strongest_baseline_is_compared_on_the_same_conditions():

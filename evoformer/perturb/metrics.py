@@ -44,7 +44,10 @@ mean of each metric over its conditions where it is defined, with a seeded perce
 over conditions (``n_boot`` multinomial resamples of the subgroup's conditions, drawn once per
 subgroup so every method and metric sees the same resamples), and the paired difference
 ``method - strongest baseline``: the mean over the conditions where both are defined of the
-per-condition differences, bootstrapped on the same resamples. The strongest baseline of a
+per-condition differences, bootstrapped on the same resamples. A mean or difference defined on
+fewer than :data:`MIN_INTERVAL_CONDITIONS` conditions gets no interval (a percentile bootstrap
+over 2-4 units has a handful of distinct resamples and covers far less than 95%; no claim is
+made from it). The strongest baseline of a
 metric and subgroup is the competitor (:data:`~evoformer.perturb.baselines.COMPETITORS`, not the
 oracle) with the best mean over the conditions where every competitor that is defined at all is
 defined (:func:`strongest`): means over different conditions are not compared.
@@ -82,6 +85,9 @@ DOUBLES_ONLY = ("pearson_interaction",)
 TRUTH_PREFIX = "truth_"
 #: The row over every test condition (subgroups come in SUBGROUP_ORDER, then alphabetically).
 ALL = "all"
+#: Fewest conditions (where the value, or both sides of a difference, are defined) that get a
+#: bootstrap interval; fewer get none, so the tables claim no difference from them.
+MIN_INTERVAL_CONDITIONS = 5
 #: Columns of the subgroup table (:func:`summarise_subgroups` rows).
 SUBGROUP_COLUMNS = (
     "subgroup",
@@ -262,6 +268,14 @@ def strongest(
     return min(means, key=lambda m: sign * means[m])
 
 
+def _interval(w: np.ndarray, x: np.ndarray, estimate: float, level: float) -> dict[str, float]:
+    """``{"value", "lo", "hi"}`` of the mean of ``x [C]`` over the bootstrap weights ``w [B, C]``;
+    no interval (NaN) when fewer than :data:`MIN_INTERVAL_CONDITIONS` values are defined."""
+    if np.isfinite(x).sum() < MIN_INTERVAL_CONDITIONS:
+        return {"value": estimate, "lo": math.nan, "hi": math.nan}
+    return percentile_interval(_weighted_means(w, x), estimate, level)
+
+
 def summarise_subgroups(
     values: dict[str, dict[str, np.ndarray]],
     conditions: list[str],
@@ -310,7 +324,7 @@ def summarise_subgroups(
                     "subgroup": sub,
                     "method": method,
                     "metric": metric,
-                    **percentile_interval(_weighted_means(w, x), point[method], level),
+                    **_interval(w, x, point[method], level),
                     "n_conditions": int(idx.size),
                     "n_undefined": int((~np.isfinite(x)).sum()),
                     "best_baseline": best,
@@ -320,7 +334,7 @@ def summarise_subgroups(
                 }
                 if best is not None and method != best:
                     d = x - values[best][metric][idx]
-                    ci = percentile_interval(_weighted_means(w, d), _mean(d), level)
+                    ci = _interval(w, d, _mean(d), level)
                     row.update(diff=ci["value"], diff_lo=ci["lo"], diff_hi=ci["hi"])
                 rows.append(row)
     return rows

@@ -27,7 +27,13 @@ import pandas as pd
 from evoformer.errors import InputError
 from evoformer.io import atomic_path
 from evoformer.perturb.baselines import BASELINES, COMPETITORS
-from evoformer.perturb.metrics import ALL, LOWER_IS_BETTER, SUBGROUP_COLUMNS, TRUTH_PREFIX
+from evoformer.perturb.metrics import (
+    ALL,
+    LOWER_IS_BETTER,
+    MIN_INTERVAL_CONDITIONS,
+    SUBGROUP_COLUMNS,
+    TRUTH_PREFIX,
+)
 from evoformer.tables import as_float, verdict, write_tsv
 from evoformer.train_config import lower_is_better
 
@@ -98,6 +104,18 @@ def _with_ci(row: pd.Series) -> str:
     return f"{_g3(row['value'])}{ci}" + (f" (undefined for {bad} of {n})" if bad else "")
 
 
+def _verdict(row: pd.Series, lower_better: bool) -> str:
+    """:func:`evoformer.tables.verdict` of a model's paired difference, saying why there is no
+    interval when its conditions were too few for one (``MIN_INTERVAL_CONDITIONS``)."""
+    v = verdict(as_float(row["diff_lo"]), as_float(row["diff_hi"]), lower_better)
+    defined = int(as_float(row["n_conditions"]) or 0) - int(as_float(row["n_undefined"]) or 0)
+    if v.startswith("undecided") and defined < MIN_INTERVAL_CONDITIONS:
+        return (
+            f"undecided (an interval needs {MIN_INTERVAL_CONDITIONS} conditions, {defined} defined)"
+        )
+    return v
+
+
 def _metric_sentence(block: pd.DataFrame, metric: str, name: str) -> str | None:
     """One bullet: the strongest baseline, the others, the models against it, the oracle."""
     rows = block[block["metric"] == metric].set_index("method")
@@ -120,7 +138,7 @@ def _metric_sentence(block: pd.DataFrame, metric: str, name: str) -> str | None:
         )
     for model in [m for m in rows.index if m not in BASELINES]:
         r = rows.loc[model]
-        v = verdict(as_float(r["diff_lo"]), as_float(r["diff_hi"]), low)
+        v = _verdict(r, low)
         v = v.replace("the model", model).replace("the baseline", METHOD_NAMES.get(best, "it"))
         parts.append(
             f"Model `{model}`: {_with_ci(r)}; difference to the strongest baseline "
@@ -283,8 +301,10 @@ def _in_short(splits: dict[str, dict[str, Any]]) -> str:
             row = rows[rows["method"] == model]
             if len(row):
                 r = row.iloc[0]
-                v = verdict(as_float(r["diff_lo"]), as_float(r["diff_hi"]), False)
+                v = _verdict(r, False)
                 word = {"the model is better": "better", "the baseline is better": "worse"}
+                if v.startswith("undecided"):
+                    word[v] = "undecided (no interval)"
                 groups.setdefault(word.get(v, "not clearly different"), []).append(f"`{model}`")
         if groups:
             text += "; compared with the strongest baseline, " + ", ".join(
@@ -324,7 +344,9 @@ def summary_markdown(
         f"Dataset `{provenance.get('dataset')}` ({any_details.get('n_genes')} genes), commit "
         f"`{provenance.get('git_commit')}`. Each split is evaluated on its own: no test "
         "condition has a cell in training. Every number is a mean over test conditions (each "
-        "condition's mean log1p expression), with a 95% bootstrap interval over conditions; "
+        "condition's mean log1p expression), with a 95% bootstrap interval over conditions "
+        f"(none over fewer than {MIN_INTERVAL_CONDITIONS} conditions, and no difference is "
+        "claimed there); "
         "the perturbed genes are left out of every metric. Baselines are fitted on training "
         "conditions and training control cells only; the strongest baseline is named per "
         "subgroup and metric (the oracle, the noise-free truth of a synthetic screen, is a "
