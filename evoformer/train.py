@@ -712,6 +712,7 @@ class Trainer:
             "selected_step": selected_step,
             "selected_epochs": selected_step / self.steps_per_epoch,
             "monitor": cfg.monitor,
+            "n_val_items": self.task.n_val_items,
             "best_metric": self.best["metric"] if math.isfinite(self.best["metric"]) else None,
             "stopped_early": self.step < self.total_steps,
         }

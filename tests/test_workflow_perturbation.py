@@ -244,6 +244,8 @@ def test_the_models_train_pretrain_and_join_the_table(make_workflow):
     models = wf.root / "results/screen/hvg20/perturbation/simulation/models"
     fine = json.loads((models / "init~pretrained/train/performance_summary.json").read_text())
     assert fine["task"] == "perturbation" and "gene_embedding.weight" in fine["init"]["copied"]
+    n_val = fine["n_val_items"]  # the split's validation conditions, named in the summary
+    assert n_val > 0 and f"Model selection on the {n_val} validation conditions" in summary
     preflight_file = wf.root / "results/screen/hvg20/perturbation/preflight/init~scratch.json"
     preflight = json.loads(preflight_file.read_text())
     assert preflight["fits"] and preflight["spec"]["task"] == "perturbation"

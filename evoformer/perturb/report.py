@@ -227,9 +227,10 @@ def _split_section(
     ]
     if validation and validation["ranked"]:
         ranked = ", ".join(f"`{m}` {_g3(v)}" for m, v in validation["ranked"])
+        n_val = f" {validation['n_val']}" if validation.get("n_val") else ""
         lines += [
-            f"Model selection on the validation conditions ({validation['monitor']}, the same "
-            f"for every model; test conditions never seen): {ranked}. Chosen: "
+            f"Model selection on the{n_val} validation conditions ({validation['monitor']}, "
+            f"the same for every model; test conditions never seen): {ranked}. Chosen: "
             f"`{validation['chosen']}`; the test figures below are every model's, the chosen "
             "one is the one to quote.",
             "",
@@ -256,13 +257,14 @@ def _split_section(
 def validation_choice(summaries: dict[str, str | os.PathLike]) -> dict[str, Any] | None:
     """The models of one split ranked by their best validation metric (``train.monitor`` on the
     split's validation conditions, the same metric for every model): ``{"monitor", "ranked":
-    [(method, value)], "chosen"}``; None without models."""
+    [(method, value)], "chosen", "n_val"}``; None without models."""
     import json
 
-    rows, monitors = [], set()
+    rows, monitors, n_val = [], set(), set()
     for method, path in summaries.items():
         d = json.loads(Path(path).read_text())
         monitors.add(d.get("monitor"))
+        n_val.add(d.get("n_val_items"))
         rows.append((method, as_float(d.get("best_metric"))))
     if not rows:
         return None
@@ -273,7 +275,13 @@ def validation_choice(summaries: dict[str, str | os.PathLike]) -> dict[str, Any]
     ranked = sorted(
         (r for r in rows if math.isfinite(r[1])), key=lambda r: r[1] if lower else -r[1]
     )
-    return {"monitor": monitor, "ranked": ranked, "chosen": ranked[0][0] if ranked else None}
+    return {
+        "monitor": monitor,
+        "ranked": ranked,
+        "chosen": ranked[0][0] if ranked else None,
+        # validation conditions (the same for every model of a split); None if not recorded
+        "n_val": n_val.pop() if len(n_val) == 1 else None,
+    }
 
 
 def _in_short(splits: dict[str, dict[str, Any]]) -> str:
