@@ -94,6 +94,7 @@ from evoformer.flops.count import StepCost, count_step
 from evoformer.flops.peaks import device_peak, throughput_fields
 from evoformer.io import atomic_path, save_torch_atomic, write_text_atomic
 from evoformer.memory.measured import record_cpu_peak
+from evoformer.memory.spec import resolve_precision
 from evoformer.model import count_parameters
 from evoformer.model.fused import adamw_options, compile_mode, compile_model
 from evoformer.model.saved import init_from_pretrained
@@ -193,11 +194,7 @@ class Trainer:
         self.accum = self.cfg.grad_accumulation(self.world)
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.precision = (
-            self.cfg.precision
-            if self.cfg.precision != "auto"
-            else ("bf16" if self.device.type == "cuda" else "fp32")
-        )
+        self.precision = resolve_precision(self.cfg.precision, self.device.type)
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if self.precision == "bf16"

@@ -311,9 +311,10 @@ def _in_short(splits: dict[str, dict[str, Any]]) -> str:
                 r = row.iloc[0]
                 v = _verdict(r, False)
                 word = {"the model is better": "better", "the baseline is better": "worse"}
-                if v.startswith("undecided"):
-                    word[v] = "undecided (no interval)"
-                groups.setdefault(word.get(v, "not clearly different"), []).append(f"`{model}`")
+                w = "undecided (no interval)" if v.startswith("undecided") else None
+                groups.setdefault(w or word.get(v, "not clearly different"), []).append(
+                    f"`{model}`"
+                )
         if groups:
             text += "; compared with the strongest baseline, " + ", ".join(
                 f"{', '.join(ms)} {'is' if len(ms) == 1 else 'are'} {w}" for w, ms in groups.items()

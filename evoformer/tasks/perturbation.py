@@ -352,6 +352,7 @@ def predict_file(
     """
     from contextlib import nullcontext
 
+    from evoformer.memory.spec import resolve_precision
     from evoformer.model.saved import load_model
     from evoformer.perturb.stats import read_hvg_types
     from evoformer.train_config import TrainConfig
@@ -367,7 +368,7 @@ def predict_file(
     conditions = [c for s in sets for c in cells.conditions[s]]
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
-    bf16 = device.type == "cuda" and train_cfg.precision in ("auto", "bf16")
+    bf16 = device.type == "cuda" and resolve_precision(train_cfg.precision, device.type) == "bf16"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
     ctx = StepContext(device, 0, 1, autocast, train_cfg.micro_batch_size)
     controls = cells.eval_controls(settings.n_eval_controls)
